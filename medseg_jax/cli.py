@@ -1,0 +1,149 @@
+"""The ``medseg-jax`` command line. Each subcommand parses its flags, calls library functions, and
+prints a short summary; a :class:`~medseg_jax.errors.MedsegError` becomes one ``error:`` line on stderr
+and exit status 2. Heavy modules are imported inside the handlers so ``--help`` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from medseg_jax.errors import MedsegError
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None, help="YAML run config (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set train.learning_rate=3e-4 (repeatable)")
+
+
+def cmd_config(args) -> int:
+    import yaml
+
+    from medseg_jax.config import load_config, to_dict
+
+    print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from medseg_jax.data.synthetic import write_synthetic_dataset
+
+    shape = tuple(args.shape)
+    out = write_synthetic_dataset(args.out, args.cases, seed=args.seed, shape=shape)
+    print(f"wrote {args.cases} synthetic CT case(s) of shape {shape} to {out}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from medseg_jax.data.dataset import load_dataset, validate_dataset
+    from medseg_jax.data.fingerprint import compute_fingerprint, save_json
+    from medseg_jax.data.plan import make_plan
+
+    dataset = load_dataset(args.dataset)
+    validate_dataset(dataset)
+    fingerprint = compute_fingerprint(dataset, num_workers=args.workers)
+    denoise = None
+    if args.denoise == "gaussian":
+        denoise = {"method": "gaussian", "sigma": args.denoise_strength}
+    elif args.denoise == "median":
+        denoise = {"method": "median", "size": int(args.denoise_strength)}
+    plan = make_plan(fingerprint, dim=args.dim, gpu_memory_gb=args.gpu_memory_gb, hu_window=args.hu_window,
+                     denoise=denoise, clahe={"clip_limit": args.clahe} if args.clahe else None)
+    out = Path(args.out) if args.out else Path(args.dataset) / f"plan_{args.dim}d.json"
+    save_json(fingerprint, out.with_name("fingerprint.json"))
+    save_json(plan, out)
+    print(f"plan ({args.dim}D) for {len(dataset.cases)} case(s): target spacing {plan['target_spacing']}, "
+          f"patch {plan['patch_size']}, batch {plan['batch_size']}, {plan['n_stages']} stages -> {out}")
+    return 0
+
+
+def cmd_preprocess(args) -> int:
+    from medseg_jax.data.dataset import load_dataset, validate_dataset
+    from medseg_jax.data.fingerprint import load_plan
+    from medseg_jax.data.preprocess import preprocess_dataset
+    from medseg_jax.data.store import CaseStore
+
+    dataset = load_dataset(args.dataset)
+    validate_dataset(dataset)
+    plan = load_plan(args.plan)
+    summary = preprocess_dataset(dataset, plan, CaseStore(args.out), num_workers=args.workers,
+                                 progress=not args.quiet)
+    print(f"preprocessed {summary['written']} case(s), skipped {summary['skipped']} already in {args.out} "
+          f"({summary['seconds']:.1f} s)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from medseg_jax.demo import run_demo
+
+    summary = run_demo(args.out, cases=args.cases, steps=args.steps, dim=args.dim, seed=args.seed,
+                       config_path=args.config, overrides=args.overrides, progress=not args.quiet, log=print)
+    print(json.dumps(summary["metrics"], indent=2))
+    print(f"report: {summary['report_dir']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medseg-jax", description="Medical image segmentation in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="synthetic CT -> plan -> preprocess -> train -> predict -> evaluate -> report")
+    p.add_argument("--out", type=Path, default=Path("medseg_demo"), help="output folder (default: ./medseg_demo)")
+    p.add_argument("--cases", type=int, default=None, help="synthetic cases (default from the demo config)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default from the demo config)")
+    p.add_argument("--dim", type=int, choices=(2, 3), default=None, help="2D or 3D network")
+    p.add_argument("--seed", type=int, default=0, help="seed of data synthesis and training")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_args(p)
+    p.set_defaults(handler=cmd_demo)
+
+    p = sub.add_parser("synth", help="write a synthetic CT dataset (liver + tumours) in the nnU-Net layout")
+    p.add_argument("out", type=Path, help="dataset folder to create")
+    p.add_argument("--cases", type=int, default=10, help="number of cases")
+    p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument("--shape", type=int, nargs="+", default=[64, 64, 32], help="grid size x y [z]")
+    p.set_defaults(handler=cmd_synth)
+
+    p = sub.add_parser("plan", help="fingerprint a dataset and write a plan (spacing, patch, topology)")
+    p.add_argument("dataset", type=Path, help="nnU-Net v2 or MSD dataset folder (with dataset.json)")
+    p.add_argument("--dim", type=int, choices=(2, 3), default=3, help="2D or 3D plan")
+    p.add_argument("--out", type=Path, default=None, help="plan file (default DATASET/plan_{dim}d.json)")
+    p.add_argument("--gpu-memory-gb", type=float, default=8.0, help="accelerator memory the patch is sized for")
+    p.add_argument("--hu-window", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="fixed CT window instead of dataset percentiles, e.g. -175 250")
+    p.add_argument("--denoise", choices=("gaussian", "median"), default=None, help="denoise before normalising")
+    p.add_argument("--denoise-strength", type=float, default=1.0, help="gaussian sigma (mm) or median size (voxels)")
+    p.add_argument("--clahe", type=float, default=None, metavar="CLIP", help="CLAHE contrast enhancement clip limit")
+    p.add_argument("--workers", type=int, default=1, help="worker processes")
+    p.set_defaults(handler=cmd_plan)
+
+    p = sub.add_parser("preprocess", help="preprocess a dataset into a chunked zarr store (resumable)")
+    p.add_argument("dataset", type=Path, help="dataset folder")
+    p.add_argument("--plan", type=Path, required=True, help="plan JSON from `medseg-jax plan`")
+    p.add_argument("--out", type=Path, required=True, help="store folder")
+    p.add_argument("--workers", type=int, default=1, help="worker processes")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_preprocess)
+
+    p = sub.add_parser("config", help="print the resolved run config (defaults + file + overrides)")
+    add_config_args(p)
+    p.set_defaults(handler=cmd_config)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except MedsegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

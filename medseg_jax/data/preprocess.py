@@ -1,0 +1,258 @@
+"""Preprocessing of cases according to a plan, and its inverse for predictions.
+
+Order of operations (:func:`preprocess_case`), per case:
+
+1. reorient every channel and the label to RAS (``io.to_ras``: axis permutation / flips, exact);
+2. crop to the bounding box of voxels != 0 in any channel (nnU-Net's crop-to-nonzero; the label too);
+3. resample to the plan's target spacing (images spline order 3, labels one-hot order 1 + arg-max,
+   anisotropic data with the thick axis separately at order 0; see :mod:`medseg_jax.data.resample`);
+   a ``null`` target entry (2D plans: the slice axis) keeps the case's own spacing;
+4. optional denoising, then optional CLAHE, both on the raw intensities (HU for CT) so their settings
+   mean the same for every case (:mod:`medseg_jax.data.intensity`);
+5. normalisation per channel (``ct`` / ``zscore`` / ``hu_window``), last, so nothing after it changes
+   the intensity scale the network sees. (nnU-Net normalises before resampling; normalising after it
+   also clips the spline overshoot of order-3 resampling.)
+
+:func:`restore_geometry` undoes 3, 2 and 1 for a network output so it lands on the original file's grid.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import time
+
+import numpy as np
+
+from medseg_jax.data import io
+from medseg_jax.data.fingerprint import crop, nonzero_bbox, read_case
+from medseg_jax.data.intensity import clahe, denoise, normalize_channel
+from medseg_jax.data.plan import check_plan
+from medseg_jax.data.resample import resample_image, resample_label, resample_probabilities
+from medseg_jax.errors import DataError, MedsegError
+
+
+def _intensity_window(scheme: dict) -> tuple[float, float] | None:
+    """The raw-intensity range CLAHE works in: the HU window, the CT percentiles, or the image's range."""
+    if scheme["scheme"] == "hu_window":
+        return scheme["lower"], scheme["upper"]
+    if scheme["scheme"] == "ct":
+        return scheme["percentile_00_5"], scheme["percentile_99_5"]
+    return None
+
+
+def _grid_affine(affine: np.ndarray, start, scale) -> np.ndarray:
+    """Affine of a grid whose voxel ``o`` lies at voxel ``start + (o + 0.5) * scale - 0.5`` of ``affine``'s grid."""
+    start = np.zeros(3) + np.pad(np.asarray(start, dtype=np.float64), (0, 3 - len(start)))
+    scale = np.ones(3) + np.pad(np.asarray(scale, dtype=np.float64) - 1, (0, 3 - len(scale)))
+    step = np.eye(4)
+    step[:3, :3] = np.diag(scale)
+    step[:3, 3] = start + 0.5 * scale - 0.5
+    return affine @ step
+
+
+def _source(volume: io.Volume) -> str:
+    return str(volume.metadata.get("source", "<in-memory volume>"))
+
+
+def preprocess_case(images: list[io.Volume], label: io.Volume | None, plan: dict):
+    """Preprocess one case: ``(image float32 (C, *spatial), label uint8 (*spatial) or None, properties)``.
+
+    ``images`` holds one volume per channel in the plan's channel order (same grid). ``properties`` is
+    JSON-able: ``original_shape`` / ``original_affine`` (file voxel order), ``ras_shape`` / ``ras_affine``,
+    ``crop_bbox`` (``[[start, stop], ...]`` in RAS voxels), ``shape_after_crop``, ``spacing_original``
+    (RAS order), ``spacing_target``, ``shape_after_resample``, ``affine_preprocessed`` (voxel -> RAS mm of
+    the returned arrays) and ``num_channels``.
+    """
+    check_plan(plan)
+    if len(images) != len(plan["channel_names"]):
+        raise DataError(f"{_source(images[0]) if images else 'case'}: {len(images)} channel volume(s) given, "
+                        f"the plan expects {len(plan['channel_names'])} ({plan['channel_names']})")
+    ras = [io.to_ras(v) for v in images]
+    label_ras = io.to_ras(label) if label is not None else None
+    shapes = {v.shape for v in ras} | ({label_ras.shape} if label_ras is not None else set())
+    if len(shapes) != 1:
+        raise DataError(f"{_source(images[0])}: channel / label shapes differ after reorientation: {sorted(shapes)}")
+    spacing = ras[0].spacing
+    if len(plan["target_spacing"]) != len(spacing):
+        raise DataError(f"{_source(images[0])}: a {len(spacing)}D image does not fit a plan with target spacing "
+                        f"{plan['target_spacing']}")
+    target = [s if t is None else float(t) for s, t in zip(spacing, plan["target_spacing"])]
+
+    stack = np.stack([v.array.astype(np.float32) for v in ras])
+    bbox = nonzero_bbox(stack)
+    image = crop(stack, bbox)
+    shape_after_crop = image.shape[1:]
+    resampling = plan.get("resampling", {})
+    image = resample_image(image, spacing, target, order=resampling.get("image_order", 3))
+    new_shape = image.shape[1:]
+
+    options = plan["preprocessing"]
+    channels = []
+    for c, scheme in enumerate(plan["normalization"]):
+        x = image[c]
+        if options["denoise"] is not None:
+            x = denoise(x, options["denoise"], target, in_plane_only=plan["dim"] == 2)
+        if options["clahe"] is not None:
+            x = clahe(x, options["clahe"], _intensity_window(scheme))
+        channels.append(normalize_channel(x, scheme))
+    image = np.stack(channels).astype(np.float32)
+
+    label_out = None
+    if label_ras is not None:
+        label_array = crop(label_ras.array, bbox)
+        values = np.unique(label_array)
+        if values.min() < 0 or values.max() >= plan["num_classes"] or np.any(values != np.round(values)):
+            raise DataError(f"{_source(label)}: label values {values.tolist()} are outside "
+                            f"0..{plan['num_classes'] - 1}")
+        label_array = label_array.astype(np.uint8)
+        label_out = resample_label(label_array, spacing, target, order=resampling.get("label_order", 1),
+                                   new_shape=new_shape)
+
+    ras_affine = ras[0].affine
+    properties = {
+        "original_shape": list(images[0].shape),
+        "original_affine": images[0].affine.tolist(),
+        "ras_shape": list(ras[0].shape),
+        "ras_affine": ras_affine.tolist(),
+        "crop_bbox": bbox,
+        "shape_after_crop": list(shape_after_crop),
+        "spacing_original": list(spacing),
+        "spacing_target": target,
+        "shape_after_resample": list(new_shape),
+        "affine_preprocessed": _grid_affine(ras_affine, [b[0] for b in bbox],
+                                            np.divide(shape_after_crop, new_shape)).tolist(),
+        "num_channels": len(images),
+    }
+    return image, label_out, properties
+
+
+def restore_geometry(array: np.ndarray, properties: dict, kind: str | None = None):
+    """Bring a preprocessed-grid array back to the original file's grid (undo resample, crop, reorientation).
+
+    ``array``: ``(*spatial)`` or ``(K, *spatial)`` on the preprocessed grid (``shape_after_resample``).
+    ``kind`` (default inferred): ``"label"`` (integer / bool ``(*spatial)``: one-hot order-1 resampling +
+    arg-max, zero outside the crop box), ``"image"`` (float ``(*spatial)``: order 3, zero outside),
+    ``"probabilities"`` (``(K, *spatial)``: order 1, outside the crop box background probability 1, i.e.
+    channel 0 = 1 and the others 0). Returns a :class:`~medseg_jax.data.io.Volume` with the original
+    shape and affine, or for probabilities a list of K such volumes (one per class).
+    """
+    crop_shape = tuple(properties["shape_after_crop"])
+    ndim = len(crop_shape)
+    if kind is None:
+        if array.ndim == ndim + 1:
+            kind = "probabilities"
+        else:
+            kind = "label" if np.issubdtype(array.dtype, np.integer) or array.dtype == bool else "image"
+    spatial = array.shape[1:] if kind == "probabilities" else array.shape
+    if list(spatial) != list(properties["shape_after_resample"]):
+        raise DataError(f"restore_geometry: array spatial shape {tuple(spatial)} is not the preprocessed shape "
+                        f"{tuple(properties['shape_after_resample'])}")
+    target, original = properties["spacing_target"], properties["spacing_original"]
+    ras_shape = tuple(properties["ras_shape"])
+    region = tuple(slice(start, stop) for start, stop in properties["crop_bbox"])
+    if kind == "label":
+        back = resample_label(array, target, original, order=1, new_shape=crop_shape)
+        full = np.zeros(ras_shape, dtype=back.dtype)
+    elif kind == "image":
+        back = resample_image(array[None].astype(np.float32), target, original, order=3, new_shape=crop_shape)[0]
+        full = np.zeros(ras_shape, dtype=np.float32)
+    elif kind == "probabilities":
+        back = resample_probabilities(array.astype(np.float32), target, original, new_shape=crop_shape)
+        full = np.zeros((array.shape[0],) + ras_shape, dtype=np.float32)
+        full[0] = 1.0
+    else:
+        raise DataError(f"restore_geometry: kind must be 'label', 'image' or 'probabilities', got {kind!r}")
+    full[(Ellipsis,) + region] = back
+    ras_affine = np.asarray(properties["ras_affine"])
+    original_affine = np.asarray(properties["original_affine"])
+    original_shape = tuple(properties["original_shape"])
+
+    def to_original(values):
+        return io.from_ras(io.Volume(values, ras_affine), original_affine, original_shape)
+
+    if kind == "probabilities":
+        return [to_original(channel) for channel in full]
+    return to_original(full)
+
+
+def _preprocess_job(case_id: str, image_paths, label_path, plan: dict):
+    """Read and preprocess one case (module level so worker processes can run it)."""
+    try:
+        images, label = read_case(image_paths, label_path, case_id)
+        image, label_out, properties = preprocess_case(images, label, plan)
+    except MedsegError as exc:
+        raise DataError(f"case {case_id}: {exc}") from exc
+    properties["case_id"] = case_id
+    return case_id, image, label_out, properties
+
+
+def preprocess_dataset(dataset, plan: dict, store, num_workers: int = 1, progress: bool = True) -> dict:
+    """Preprocess every case of ``dataset`` not yet in ``store`` (resumable); returns a summary dict.
+
+    ``store`` is a :class:`~medseg_jax.data.store.CaseStore` (``has_case``, ``write_case``); workers only
+    compute, the calling process writes, so each case is written whole or not at all. With
+    ``num_workers > 1`` cases run in a process pool (at most ``2 * num_workers`` in flight to bound memory).
+    A failing case raises ``DataError`` naming it (after the cases already in flight are written); run
+    again to resume. Summary: ``{"written": n, "skipped": n, "seconds": s}``.
+    """
+    from tqdm.auto import tqdm
+
+    check_plan(plan)
+    started = time.perf_counter()
+    todo = [c for c in dataset.cases if not store.has_case(c.case_id)]
+    skipped = len(dataset.cases) - len(todo)
+    jobs = [(c.case_id, [str(p) for p in c.image_paths], None if c.label_path is None else str(c.label_path), plan)
+            for c in todo]
+    bar = tqdm(total=len(jobs), desc="preprocess", unit="case", disable=not progress)
+    written = 0
+
+    def write(result):
+        nonlocal written
+        store.write_case(*result)
+        written += 1
+        bar.update(1)
+
+    try:
+        if num_workers <= 1:
+            for job in jobs:
+                write(_preprocess_job(*job))
+        else:
+            _run_in_pool(jobs, num_workers, write)
+    finally:
+        bar.close()
+    return {"written": written, "skipped": skipped, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _run_in_pool(jobs: list, num_workers: int, write) -> None:
+    """Run ``_preprocess_job`` over ``jobs`` in worker processes, handing each result to ``write``.
+
+    At most ``2 * num_workers`` cases are in flight so finished arrays do not pile up in memory. After
+    the first failure no new case starts, the cases in flight are still written (the run is resumable,
+    so finished work is kept), then the failure is raised.
+    """
+    failures: list[Exception] = []
+
+    def collect(future):
+        try:
+            result = future.result()
+        except Exception as exc:  # re-raised below, after the cases in flight are written
+            failures.append(exc)
+            return
+        write(result)
+
+    context = multiprocessing.get_context("spawn")  # no inherited JAX state in the workers
+    with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
+        pending = set()
+        for job in jobs:
+            if failures:
+                break
+            pending.add(pool.submit(_preprocess_job, *job))
+            if len(pending) >= 2 * num_workers:
+                done, pending = concurrent.futures.wait(pending, return_when="FIRST_COMPLETED")
+                for future in done:
+                    collect(future)
+        for future in concurrent.futures.as_completed(pending):
+            collect(future)
+    if failures:
+        raise failures[0]

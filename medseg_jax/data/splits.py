@@ -1,0 +1,115 @@
+"""Cross-validation splits of a dataset's cases, kept in ``splits.json`` in the dataset folder.
+
+The folds are the ones nnU-Net v2 makes (scikit-learn ``KFold(n_folds, shuffle=True,
+random_state=seed)`` over the sorted case ids), so users moving between the two compare like with like.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg_jax.errors import DataError
+
+SPLITS_JSON = "splits.json"
+
+
+def make_splits(case_ids, n_folds: int = 5, seed: int = 12345) -> list[dict[str, list[str]]]:
+    """Deterministic k-fold cross-validation splits: ``[{"train": [...], "val": [...]}, ...]``.
+
+    Same folds as nnU-Net v2 (scikit-learn ``KFold(n_folds, shuffle=True, random_state=seed)`` on the
+    sorted case ids): the sorted ids are shuffled by numpy's legacy ``RandomState(seed)``, whose stream
+    numpy keeps frozen, and cut into consecutive folds, the first ``n % n_folds`` one case larger. Every
+    case is in exactly one validation fold; training lists are sorted.
+    """
+    ids = sorted(str(case_id) for case_id in case_ids)
+    if len(set(ids)) != len(ids):
+        duplicated = sorted({i for i in ids if ids.count(i) > 1})
+        raise DataError(f"cannot make splits: duplicated case ids {duplicated}")
+    if isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) or n_folds < 2:
+        raise DataError(f"n_folds must be an integer >= 2, got {n_folds!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise DataError(f"split seed must be an integer in [0, 2**32), got {seed!r}")
+    if len(ids) < n_folds:
+        raise DataError(f"cannot make {n_folds} folds from {len(ids)} case(s): every fold needs a validation "
+                        f"case; use n_folds <= {len(ids)} or add cases")
+    order = np.arange(len(ids))
+    np.random.RandomState(seed).shuffle(order)
+    splits = []
+    for fold in np.array_split(order, n_folds):
+        in_val = set(fold.tolist())
+        splits.append({"train": [ids[i] for i in range(len(ids)) if i not in in_val],
+                       "val": [ids[i] for i in fold]})
+    return splits
+
+
+def load_or_create_splits(dataset, n_folds: int = 5, seed: int = 12345) -> list[dict[str, list[str]]]:
+    """The splits in ``dataset.root/splits.json``; made by :func:`make_splits` and written if absent.
+
+    ``dataset`` is a :class:`medseg_jax.data.dataset.Dataset` (its ``root`` and ``case_ids`` are used).
+
+    An existing file is used as it is (its fold count wins over ``n_folds``) after checking that it is
+    a list of {"train": [...], "val": [...]} naming known cases, with no case both training and
+    validation in a fold.
+    """
+    path = dataset.root / SPLITS_JSON
+    if path.exists():
+        splits = read_json(path)
+        problems = _splits_problems(splits, set(dataset.case_ids))
+        if problems:
+            raise DataError(f"{path}: " + "; ".join(problems))
+        return [{"train": list(fold["train"]), "val": list(fold["val"])} for fold in splits]
+    splits = make_splits(dataset.case_ids, n_folds=n_folds, seed=seed)
+    write_json_atomic(path, splits)
+    return splits
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file; DataError naming the file if it is missing, unreadable or not JSON."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc})") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to a temporary file in the same folder, then rename it over ``path``."""
+    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(obj, handle, indent=2)
+            handle.write("\n")
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+
+
+def _splits_problems(splits: Any, known: set[str]) -> list[str]:
+    if not isinstance(splits, list) or not splits:
+        return ["expected a non-empty list of {\"train\": [...], \"val\": [...]} folds"]
+    problems = []
+    for index, fold in enumerate(splits):
+        if not (isinstance(fold, dict) and all(isinstance(fold.get(k), list) for k in ("train", "val"))
+                and all(isinstance(c, str) for k in ("train", "val") for c in fold[k])):
+            problems.append(f"fold {index}: expected {{\"train\": [case ids], \"val\": [case ids]}}")
+            continue
+        unknown = sorted((set(fold["train"]) | set(fold["val"])) - known)
+        if unknown:
+            problems.append(f"fold {index}: unknown case id(s) {unknown}")
+        both = sorted(set(fold["train"]) & set(fold["val"]))
+        if both:
+            problems.append(f"fold {index}: case(s) {both} are in both train and val")
+    return problems

@@ -1,0 +1,87 @@
+"""Pictures a person would rather see than read: overlays and training curves (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def plot_training_curve(history: list[dict], path, title: str = "training loss") -> Path:
+    """Loss (and learning rate on a second axis) against step."""
+    plt = _figure()
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [h["loss"] for h in history], lw=1, label="loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("Dice + CE loss")
+    ax.set_title(title)
+    if history and "learning_rate" in history[0]:
+        lr_ax = ax.twinx()
+        lr_ax.plot(steps, [h["learning_rate"] for h in history], color="gray", lw=0.8, ls="--")
+        lr_ax.set_ylabel("learning rate", color="gray")
+    fig.tight_layout()
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_overlay(image_slice: np.ndarray, reference_slice: np.ndarray, prediction_slice: np.ndarray, path,
+                 title: str = "", class_names: dict[int, str] | None = None, window=(-175.0, 250.0)) -> Path:
+    """One 2D slice in a CT window with reference (solid) and prediction (dashed) contours per class.
+
+    Slices are given in RAS voxel order ``(x, y)`` and drawn radiologically (patient right on the left
+    of the picture, anterior up).
+    """
+    plt = _figure()
+    colours = ["#ffd400", "#ff2d2d", "#2dd4ff", "#7cff2d", "#ff7cf5"]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    # array[x, y] with +x = patient right, +y = anterior: rows = y flipped (anterior up), columns = x
+    # flipped (patient right on the picture's left, as radiologists read axial CT)
+    show = lambda a: np.asarray(a).T[::-1, ::-1]
+    ax.imshow(show(image_slice), cmap="gray", vmin=window[0], vmax=window[1], interpolation="nearest")
+    classes = sorted((set(np.unique(reference_slice).tolist()) | set(np.unique(prediction_slice).tolist())) - {0})
+    handles = []
+    for i, k in enumerate(classes):
+        colour = colours[i % len(colours)]
+        name = (class_names or {}).get(int(k), f"class {k}")
+        if np.any(reference_slice == k):
+            ax.contour(show(reference_slice == k), levels=[0.5], colors=[colour], linewidths=1.5)
+        if np.any(prediction_slice == k):
+            ax.contour(show(prediction_slice == k), levels=[0.5], colors=[colour], linewidths=1.2, linestyles="dashed")
+        handles.append(plt.Line2D([], [], color=colour, label=name))
+    handles += [plt.Line2D([], [], color="white", label="reference (solid)"),
+                plt.Line2D([], [], color="white", ls="--", label="prediction (dashed)")]
+    ax.legend(handles=handles, loc="lower right", fontsize=7, framealpha=0.6)
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
