@@ -265,18 +265,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=R
 
 def save_config(config, path: str | Path) -> Path:
     """Write ``config`` as YAML atomically."""
-    import os
-    import tempfile
+    from medseg_jax.atomic import write_text_atomic
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".yaml", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(to_dict(config), f, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_text_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,14 +24,6 @@ class DemoSettings:
     steps: int = 300
     dim: int = 2
     shape: tuple[int, ...] = (64, 64, 32)
-
-
-def write_json(obj, path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-    return path
 
 
 def pad_to_multiple(array: np.ndarray, multiples, axes) -> tuple[np.ndarray, tuple]:
@@ -79,6 +68,7 @@ def run_demo(out_dir, cases=None, steps=None, dim=None, seed=0, config_path=None
     """Run every stage into ``out_dir`` and return the summary (also written to ``report/summary.json``)."""
     import jax
 
+    from medseg_jax.atomic import write_json_atomic
     from medseg_jax.config import load_config, save_config
     from medseg_jax.data.dataset import load_dataset, load_or_create_splits, validate_dataset
     from medseg_jax.data.fingerprint import compute_fingerprint, save_json
@@ -176,5 +166,5 @@ def run_demo(out_dir, cases=None, steps=None, dim=None, seed=0, config_path=None
         "devices": [str(d) for d in jax.devices()],
         "report_dir": str(report_dir),
     }
-    write_json(summary, report_dir / "summary.json")
+    write_json_atomic(report_dir / "summary.json", summary)
     return summary

@@ -18,7 +18,6 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 
 from medseg_jax.data import io
 from medseg_jax.data.plan import PLAN_FORMAT_VERSION, check_plan, make_plan  # noqa: F401  (public API)
+from medseg_jax.atomic import write_json_atomic
 from medseg_jax.errors import DataError
 
 FINGERPRINT_FORMAT_VERSION = 1
@@ -156,30 +156,9 @@ def compute_fingerprint(dataset, num_workers: int = 1, samples_per_case: int = 1
     }
 
 
-def _to_json(value):
-    """``json.dumps`` fallback for numpy scalars and arrays."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
 def save_json(obj, path: str | os.PathLike) -> Path:
-    """Write ``obj`` as indented JSON atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, indent=2, default=_to_json) + "\n"
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-    return path
+    """Write ``obj`` as indented JSON atomically (numpy values converted)."""
+    return write_json_atomic(path, obj)
 
 
 def load_json(path: str | os.PathLike) -> dict:

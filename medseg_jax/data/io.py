@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medseg_jax.atomic import atomic_path
 from medseg_jax.errors import DataError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -116,18 +116,11 @@ def write_nifti(volume: Volume, path: str | os.PathLike, dtype=None) -> Path:
     image = nib.Nifti1Image(array, volume.affine)
     image.header.set_qform(volume.affine, code=1)
     image.header.set_sform(volume.affine, code=1)
-    suffix = ".nii.gz" if str(path).endswith(".nii.gz") else ".nii"
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
-    os.close(fd)
     try:
-        nib.save(image, tmp_name)
-        os.replace(tmp_name, path)
-    except BaseException as exc:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        if isinstance(exc, Exception):
-            raise DataError(f"{path}: could not write NIfTI file ({exc})") from exc
-        raise
+        with atomic_path(path) as tmp:
+            nib.save(image, str(tmp))
+    except Exception as exc:
+        raise DataError(f"{path}: could not write NIfTI file ({exc})") from exc
     return path
 
 
