@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from medseg_jax.errors import MedsegError
+from medseg_jax.errors import DataError, MedsegError
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -61,17 +61,56 @@ def cmd_plan(args) -> int:
 
 def cmd_preprocess(args) -> int:
     from medseg_jax.data.dataset import load_dataset, validate_dataset
-    from medseg_jax.data.fingerprint import load_plan
+    from medseg_jax.data.fingerprint import load_plan, save_json
     from medseg_jax.data.preprocess import preprocess_dataset
     from medseg_jax.data.store import CaseStore
 
     dataset = load_dataset(args.dataset)
     validate_dataset(dataset)
     plan = load_plan(args.plan)
-    summary = preprocess_dataset(dataset, plan, CaseStore(args.out), num_workers=args.workers,
-                                 progress=not args.quiet)
+    store = CaseStore(args.out)
+    existing = Path(args.out) / "plan.json"
+    if existing.is_file() and load_plan(existing) != plan:
+        raise DataError(f"{existing}: the store was preprocessed with another plan; use a new --out folder")
+    summary = preprocess_dataset(dataset, plan, store, num_workers=args.workers, progress=not args.quiet)
+    save_json(plan, existing)  # training reads the plan from the store
     print(f"preprocessed {summary['written']} case(s), skipped {summary['skipped']} already in {args.out} "
           f"({summary['seconds']:.1f} s)")
+    return 0
+
+
+def cmd_train(args) -> int:
+    import os
+
+    from medseg_jax.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    if config.train.deterministic:  # must be set before JAX starts its backend
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true"
+    from medseg_jax.train.loop import train
+
+    if not args.resume and (Path(args.out) / "checkpoints").is_dir() and any((Path(args.out) / "checkpoints").iterdir()):
+        raise DataError(f"{args.out}: holds checkpoints of an earlier run; drop --no-resume to continue it, or "
+                        "choose another --out")
+    summary = train(config, args.data, args.out, fold=args.fold, resume=args.resume, progress=not args.quiet,
+                    log=print)
+    print(f"step {summary['step']}/{summary['steps']}, final loss {summary['final_loss']:.4f}, "
+          f"pseudo-Dice {summary['pseudo_dice'] if summary['pseudo_dice'] is None else round(summary['pseudo_dice'], 4)}, "
+          f"{summary['seconds']:.1f} s on mesh {summary['mesh']} -> {args.out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from medseg_jax.evaluation import evaluate_folders, format_table, read_labels, write_evaluation
+
+    labels = read_labels(args.labels) if args.labels else None
+    rows, summary = evaluate_folders(args.pred, args.ref, labels=labels, nsd_tolerance_mm=args.nsd_tolerance,
+                                     num_workers=args.workers, progress=not args.quiet, empty=args.empty,
+                                     surface=args.surface)
+    out = args.out or Path(args.pred) / "evaluation"
+    written = write_evaluation(out, rows, summary)
+    print(format_table(summary))
+    print(f"wrote {written['metrics']} and {written['summary']}")
     return 0
 
 
@@ -126,6 +165,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="worker processes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_preprocess)
+
+    p = sub.add_parser("train", help="train a U-Net on a preprocessed store (resumes from the run folder)")
+    p.add_argument("--data", type=Path, required=True, help="store folder from `medseg-jax preprocess`")
+    p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, metrics, curves)")
+    p.add_argument("--fold", type=int, default=0, help="cross-validation fold, -1 = train on all cases")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from the newest readable checkpoint in --out (default)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_args(p)
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("evaluate", help="Dice, IoU, HD95, ASSD, NSD and volumes of predictions against references")
+    p.add_argument("--pred", type=Path, required=True, help="folder of predicted label maps (NIfTI)")
+    p.add_argument("--ref", type=Path, required=True, help="folder of reference label maps, matched by file name")
+    p.add_argument("--labels", type=Path, default=None,
+                   help="dataset.json naming the classes (default: every non-zero value in the references)")
+    p.add_argument("--nsd-tolerance", type=float, default=1.0, help="NSD tolerance in mm (default 1.0)")
+    p.add_argument("--empty", choices=("nnunet", "monai"), default="nnunet",
+                   help="empty-mask convention: nnunet = NaN only when both are empty (default); monai = NaN "
+                        "whenever the reference is empty")
+    p.add_argument("--surface", choices=("element", "voxel"), default="element",
+                   help="surface definition: element = surface elements (DeepMind, default); voxel = MONAI edge voxels")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default PRED/evaluation)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_evaluate)
 
     p = sub.add_parser("config", help="print the resolved run config (defaults + file + overrides)")
     add_config_args(p)

@@ -47,8 +47,8 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    patch_size: tuple[int, ...] = field((64, 64, 64), "training patch size per spatial axis")
-    batch_size: int = field(2, "global batch size (split over the data axis of the mesh)")
+    patch_size: Optional[tuple[int, ...]] = field(None, "training patch size per spatial axis; null = the plan's")
+    batch_size: Optional[int] = field(None, "global batch size (split over the data axis); null = the plan's")
     foreground_fraction: float = field(0.33, "fraction of each batch forced to contain foreground")
     num_workers: int = field(0, "data loader worker processes (0 = in the main process)")
     seed: int = field(0, "seed of the data stream")
@@ -77,6 +77,12 @@ class TrainConfig:
     ema_decay: Optional[float] = field(None, "keep an exponential moving average of params with this decay")
     nan_policy: Literal["stop", "skip"] = field("stop", "on a non-finite loss: stop the run, or skip the update")
     seed: int = field(0, "seed of parameter init and step randomness")
+    log_every: int = field(10, "steps between metric lines in metrics.jsonl")
+    checkpoint_every: int = field(250, "steps between checkpoints (one is always written at the end)")
+    keep_checkpoints: int = field(2, "latest checkpoints kept (the best by validation Dice is kept too)")
+    val_every: int = field(250, "steps between validations on the fold's validation cases")
+    val_batches: int = field(4, "validation batches (patches from the validation cases) per validation")
+    deterministic: bool = field(False, "ask XLA for deterministic (slower) GPU kernels")
     loss: LossConfig = field(LossConfig(), "loss terms")
 
 
@@ -91,7 +97,16 @@ class InferenceConfig:
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     data: int = field(-1, "devices along the data-parallel axis (-1 = the rest)")
-    spatial: int = field(1, "devices along the spatial-parallel axis")
+    spatial: int = field(1, "devices along the spatial-parallel axis (splits the first patch axis)")
+    fsdp_min_size: Optional[int] = field(None, "split parameters with at least this many elements over data; null = replicate")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    enabled: bool = field(False, "call jax.distributed.initialize() (multi-host)")
+    coordinator_address: Optional[str] = field(None, "host:port of process 0; null = auto-detect (Cloud TPU, SLURM)")
+    num_processes: Optional[int] = field(None, "number of processes (with coordinator_address)")
+    process_id: Optional[int] = field(None, "this process's id (with coordinator_address)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +116,7 @@ class RunConfig:
     train: TrainConfig = field(TrainConfig(), "optimisation")
     inference: InferenceConfig = field(InferenceConfig(), "sliding-window prediction")
     mesh: MeshConfig = field(MeshConfig(), "device mesh")
+    distributed: DistributedConfig = field(DistributedConfig(), "multi-host initialisation")
 
 
 # Fields left as nested dataclasses are replaced whole-or-by-key; fields annotated with plain types are
@@ -124,6 +140,9 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        non_null = [a for a in args if a is not type(None)]
+        if len(non_null) == 1:  # Optional[X]: X's own message is the clearest
+            return coerce(value, non_null[0], key)
         errors = []
         for arg in args:
             if arg is type(None):

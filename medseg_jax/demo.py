@@ -69,19 +69,17 @@ def run_demo(out_dir, cases=None, steps=None, dim=None, seed=0, config_path=None
     import jax
 
     from medseg_jax.atomic import write_json_atomic
-    from medseg_jax.config import load_config, save_config
-    from medseg_jax.data.dataset import load_dataset, load_or_create_splits, validate_dataset
+    from medseg_jax.config import load_config
+    from medseg_jax.data.dataset import load_dataset, validate_dataset
     from medseg_jax.data.fingerprint import compute_fingerprint, save_json
     from medseg_jax.data.io import read_nifti, to_ras
-    from medseg_jax.data.loader import make_train_loader
     from medseg_jax.data.plan import make_plan
     from medseg_jax.data.preprocess import preprocess_dataset, restore_geometry
     from medseg_jax.data.store import CaseStore
     from medseg_jax.data.synthetic import write_synthetic_dataset
     from medseg_jax.metrics import dice_iou_per_class
-    from medseg_jax.models.factory import build_unet, model_config_from_plan
     from medseg_jax.report import plot_overlay, plot_training_curve
-    from medseg_jax.train.loop import fit, loss_summary
+    from medseg_jax.train.loop import read_metrics, train
 
     settings = DemoSettings()
     settings = dataclasses.replace(settings, **{k: v for k, v in dict(cases=cases, steps=steps, dim=dim).items()
@@ -117,15 +115,12 @@ def run_demo(out_dir, cases=None, steps=None, dim=None, seed=0, config_path=None
     stage("preprocess", t0)
 
     t0 = time.perf_counter()
-    split = load_or_create_splits(dataset)[0]
-    model_config = model_config_from_plan(config.model, plan)
-    config = dataclasses.replace(config, model=model_config)
-    save_config(config, out / "config.yaml")
-    model = build_unet(model_config)
-    batches = iter(make_train_loader(store, split["train"], tuple(plan["patch_size"]), config.data.batch_size,
-                                     foreground_fraction=config.data.foreground_fraction, seed=config.data.seed))
-    state, history = fit(model, config.train, batches, progress=progress)
-    log(f"[train] {loss_summary(history)}")
+    save_json(plan, out / "store" / "plan.json")
+    result = train(config, out / "store", out / "run", fold=0, progress=progress, log=log)
+    model, state, split = result["model"], result["state"], result["split"]
+    history = read_metrics(out / "run" / "metrics.jsonl")
+    history = [h for h in history if "loss" in h]
+    log(f"[train] {result['step']} steps, final loss {result['final_loss']:.3f}, pseudo-Dice {result['pseudo_dice']}")
     stage("train", t0)
 
     t0 = time.perf_counter()
@@ -161,7 +156,7 @@ def run_demo(out_dir, cases=None, steps=None, dim=None, seed=0, config_path=None
     summary = {
         "metrics": {"mean_dice": mean, "validation_cases": split["val"]},
         "settings": dataclasses.asdict(settings) | {"seed": seed},
-        "final_loss": history[-1]["loss"] if history else None,
+        "final_loss": result["final_loss"],
         "seconds": timings | {"total": round(time.perf_counter() - started, 2)},
         "devices": [str(d) for d in jax.devices()],
         "report_dir": str(report_dir),

@@ -24,19 +24,26 @@ def _save(fig, path) -> Path:
     return Path(path)
 
 
-def plot_training_curve(history: list[dict], path, title: str = "training loss") -> Path:
-    """Loss (and learning rate on a second axis) against step."""
+def plot_training_curve(history: list[dict], path, title: str = "training", validation: list[dict] = ()) -> Path:
+    """Training loss against step, with validation pseudo-Dice / Dice on a second axis when given."""
     plt = _figure()
-    steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, [h["loss"] for h in history], lw=1, label="loss")
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1, label="train loss (Dice + CE)")
     ax.set_xlabel("step")
-    ax.set_ylabel("Dice + CE loss")
+    ax.set_ylabel("loss")
     ax.set_title(title)
-    if history and "learning_rate" in history[0]:
-        lr_ax = ax.twinx()
-        lr_ax.plot(steps, [h["learning_rate"] for h in history], color="gray", lw=0.8, ls="--")
-        lr_ax.set_ylabel("learning rate", color="gray")
+    handles = ax.get_legend_handles_labels()[0]
+    if validation:
+        dice_ax = ax.twinx()
+        steps = [v["step"] for v in validation]
+        handles += dice_ax.plot(steps, [v["val_dice"] for v in validation], "o-", color="tab:green", ms=3,
+                                label="validation Dice (patches)")
+        if "pseudo_dice" in validation[0]:
+            handles += dice_ax.plot(steps, [v["pseudo_dice"] for v in validation], "--", color="tab:olive",
+                                    label="pseudo-Dice (EMA)")
+        dice_ax.set_ylim(0, 1)
+        dice_ax.set_ylabel("Dice")
+    ax.legend(handles=handles, loc="upper right", fontsize=8)
     fig.tight_layout()
     try:
         return _save(fig, path)

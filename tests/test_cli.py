@@ -34,7 +34,7 @@ def test_synth_then_bad_case_count_leaves_nothing(tmp_path, capsys):
 
 
 def test_every_subcommand_has_help(capsys):
-    for command in ("demo", "synth", "plan", "preprocess", "config"):
+    for command in ("demo", "synth", "plan", "preprocess", "train", "evaluate", "config"):
         with pytest.raises(SystemExit) as info:
             main([command, "--help"])
         assert info.value.code == 0
@@ -58,4 +58,39 @@ def test_demo_reduced_end_to_end(tmp_path, capsys):
     assert {r["class"] for r in rows} == {"liver", "tumour"}
     for row in rows:
         assert 0.0 <= float(row["dice"]) <= 1.0 or row["dice"] == "nan"
-    assert (out / "plan.json").is_file() and (out / "config.yaml").is_file()
+    assert (out / "plan.json").is_file() and (out / "run" / "config.yaml").is_file()
+    assert any((out / "run" / "checkpoints").iterdir())
+
+
+def test_synth_plan_preprocess_from_the_command_line(tmp_path, capsys):
+    assert main(["synth", str(tmp_path / "raw"), "--cases", "3", "--shape", "32", "32", "12"]) == 0
+    dataset = tmp_path / "raw" / "Dataset001_SynthLiver"
+    assert main(["plan", str(dataset), "--dim", "3", "--hu-window", "-175", "250", "--denoise", "median",
+                 "--denoise-strength", "3"]) == 0
+    plan = json.loads((dataset / "plan_3d.json").read_text())
+    assert plan["preprocessing"]["hu_window"] == [-175.0, 250.0]
+    assert plan["preprocessing"]["denoise"] == {"method": "median", "size": 3}
+    assert main(["preprocess", str(dataset), "--plan", str(dataset / "plan_3d.json"), "--out",
+                 str(tmp_path / "store"), "--quiet"]) == 0
+    assert "preprocessed 3 case(s)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "store" / "plan.json").read_text()) == plan
+    # rerun: everything is skipped (resumable)
+    assert main(["preprocess", str(dataset), "--plan", str(dataset / "plan_3d.json"), "--out",
+                 str(tmp_path / "store"), "--quiet"]) == 0
+    assert "skipped 3" in capsys.readouterr().out
+
+
+def test_plan_on_a_broken_dataset_fails_naming_the_problem(tmp_path, capsys):
+    assert main(["synth", str(tmp_path / "raw"), "--cases", "2", "--shape", "16", "16", "8"]) == 0
+    dataset = tmp_path / "raw" / "Dataset001_SynthLiver"
+    next((dataset / "labelsTr").iterdir()).unlink()
+    assert main(["plan", str(dataset)]) == 2
+    err = capsys.readouterr().err
+    assert "labelsTr" in err or "label" in err
+    assert not (dataset / "plan_3d.json").exists()
+
+
+def test_train_without_a_store_plan_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "store").mkdir()
+    assert main(["train", "--data", str(tmp_path / "store"), "--out", str(tmp_path / "run")]) == 2
+    assert "plan.json" in capsys.readouterr().err

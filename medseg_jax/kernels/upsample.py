@@ -14,14 +14,20 @@ Implementations:
   which is very slow on CPU and in bf16 on GPU.
 - ``matmul``: one matmul over channels followed by depth-to-space (reshape + transpose). Exact, and
   typically much faster, because no multiply ever touches a dilation zero.
+- ``pallas``: the same matmul as a Pallas kernel with a hand-written VJP
+  (:mod:`medseg_jax.kernels.upsample_pallas`); registered only where ``jax.experimental.pallas``
+  imports. On CPU it runs in interpret mode (correct, slow: for tests).
 """
 
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import jax.numpy as jnp
 from jax import lax
+
+from medseg_jax.kernels.layout import depth_to_space, kernel_matrix
+from medseg_jax.kernels.upsample_pallas import AVAILABLE as PALLAS_AVAILABLE
+from medseg_jax.kernels.upsample_pallas import upsample_pallas
 
 
 def upsample_conv_transpose(x, kernel, bias, stride: Sequence[int]):
@@ -43,13 +49,9 @@ def upsample_conv_transpose(x, kernel, bias, stride: Sequence[int]):
 def upsample_matmul(x, kernel, bias, stride: Sequence[int]):
     spatial = len(stride)
     batch, *sizes, c_in = x.shape
-    c_out = kernel.shape[-1]
-    # (*stride, C_in, C_out) -> (C_in, *stride, C_out) so that one matmul yields every output offset.
-    taps = jnp.moveaxis(kernel, spatial, 0).reshape(c_in, -1).astype(x.dtype)
-    y = (x.reshape(-1, c_in) @ taps).reshape(batch, *sizes, *stride, c_out)
-    # Interleave each input axis with its offset axis: (N, S1, s1, S2, s2, ..., C_out).
-    order = [0] + [a for d in range(spatial) for a in (1 + d, 1 + spatial + d)] + [1 + 2 * spatial]
-    y = jnp.transpose(y, order).reshape(batch, *(n * s for n, s in zip(sizes, stride)), c_out)
+    # One matmul yields every output offset of every input voxel (columns offset-major).
+    rows = x.reshape(-1, c_in) @ kernel_matrix(kernel, spatial).astype(x.dtype)
+    y = depth_to_space(rows, batch, sizes, stride)
     return y + bias.astype(y.dtype)
 
 
@@ -57,10 +59,15 @@ UPSAMPLE_IMPLEMENTATIONS: dict[str, Callable] = {
     "conv_transpose": upsample_conv_transpose,
     "matmul": upsample_matmul,
 }
+if PALLAS_AVAILABLE:
+    UPSAMPLE_IMPLEMENTATIONS["pallas"] = upsample_pallas
 
 
 def upsample(x, kernel, bias, stride: Sequence[int], implementation: str = "matmul"):
-    """Upsample ``x`` by ``stride`` with a learned kernel (see the module docstring for shapes)."""
+    """Upsample ``x`` by ``stride`` with a learned kernel (see the module docstring for shapes).
+
+    ``implementation`` names an entry of :data:`UPSAMPLE_IMPLEMENTATIONS`; ``"auto"`` is resolved by
+    the caller (:func:`medseg_jax.kernels.select.resolve`), not here."""
     try:
         fn = UPSAMPLE_IMPLEMENTATIONS[implementation]
     except KeyError:

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medseg_jax.kernels.conv import conv
+from medseg_jax.kernels.select import resolve
 from medseg_jax.kernels.upsample import upsample
 
 Dtype = Any
@@ -58,6 +60,31 @@ class InstanceNorm(nn.Module):
         return y.astype(self.dtype)
 
 
+class Conv(nn.Module):
+    """Convolution with padding ``kernel // 2`` (PyTorch's), computed by the chosen implementation of
+    :mod:`medseg_jax.kernels.conv`. Parameters as ``flax.linen.Conv``: ``kernel (*k, C_in, C_out)``
+    (He-normal) and ``bias (C_out,)``. ``implementation="auto"`` takes the backend's default
+    (:func:`medseg_jax.kernels.select.resolve`)."""
+
+    features: int
+    kernel_size: Sequence[int]
+    strides: Sequence[int]
+    use_bias: bool = True
+    implementation: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        shape = (*self.kernel_size, x.shape[-1], self.features)
+        kernel = self.param("kernel", he_normal, shape, self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
+        return conv(
+            x.astype(self.dtype), kernel.astype(self.dtype), None if bias is None else bias.astype(self.dtype),
+            self.strides, resolve("conv", self.implementation),
+        )
+
+
 class ConvNormAct(nn.Module):
     """conv (with bias) -> InstanceNorm -> LeakyReLU(0.01), nnU-Net's ``ConvDropoutNormReLU``.
 
@@ -70,21 +97,15 @@ class ConvNormAct(nn.Module):
     use_bias: bool = True
     activate: bool = True
     negative_slope: float = 0.01
+    conv_implementation: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Conv(
-            self.features,
-            kernel_size=tuple(self.kernel_size),
-            strides=tuple(self.strides),
-            padding=[(k // 2, k // 2) for k in self.kernel_size],
-            use_bias=self.use_bias,
-            kernel_init=he_normal,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="conv",
+        x = Conv(
+            self.features, tuple(self.kernel_size), tuple(self.strides), use_bias=self.use_bias,
+            implementation=self.conv_implementation, dtype=self.dtype, param_dtype=self.param_dtype, name="conv",
         )(x)
         x = InstanceNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
         if self.activate:
@@ -100,6 +121,7 @@ class StackedConvs(nn.Module):
     kernel_size: Sequence[int]
     strides: Sequence[int]
     use_bias: bool = True
+    conv_implementation: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -112,6 +134,7 @@ class StackedConvs(nn.Module):
                 self.kernel_size,
                 self.strides if i == 0 else ones,
                 use_bias=self.use_bias,
+                conv_implementation=self.conv_implementation,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"conv_block_{i}",
@@ -128,12 +151,14 @@ class ResidualBlock(nn.Module):
     kernel_size: Sequence[int]
     strides: Sequence[int]
     use_bias: bool = True
+    conv_implementation: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        common = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        common = dict(use_bias=self.use_bias, conv_implementation=self.conv_implementation, dtype=self.dtype,
+                      param_dtype=self.param_dtype)
         ones = (1,) * len(self.strides)
         residual = ConvNormAct(self.features, self.kernel_size, self.strides, name="conv_block_0", **common)(x)
         residual = ConvNormAct(
@@ -144,19 +169,20 @@ class ResidualBlock(nn.Module):
             skip = nn.avg_pool(skip, window_shape=tuple(self.strides), strides=tuple(self.strides))
         if x.shape[-1] != self.features:
             skip = ConvNormAct(
-                self.features, ones, ones, activate=False, name="skip_projection",
-                use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                self.features, ones, ones, activate=False, name="skip_projection", use_bias=False,
+                conv_implementation=self.conv_implementation, dtype=self.dtype, param_dtype=self.param_dtype,
             )(skip)
         return nn.leaky_relu(residual + skip, negative_slope=0.01)
 
 
 class Upsample(nn.Module):
     """Learned upsampling with kernel == stride; the arithmetic is chosen by ``implementation``
-    (see :mod:`medseg_jax.kernels.upsample`). Parameters: kernel ``(*stride, C_in, C_out)`` and bias."""
+    (see :mod:`medseg_jax.kernels.upsample`; ``"auto"``: the backend's default, see
+    :func:`medseg_jax.kernels.select.resolve`). Parameters: kernel ``(*stride, C_in, C_out)`` and bias."""
 
     features: int
     strides: Sequence[int]
-    implementation: str = "matmul"
+    implementation: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -167,5 +193,5 @@ class Upsample(nn.Module):
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         y = upsample(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype), self.strides,
-                     self.implementation)
+                     resolve("upsample", self.implementation))
         return y

@@ -53,6 +53,11 @@ class UNet(nn.Module):
     parameters (as in nnU-Net's implementation), so the parameter tree does not depend on the switch.
 
     Spatial sizes must be multiples of the product of the strides along each axis.
+
+    ``upsample_implementation`` / ``conv_implementation`` choose the arithmetic of the upsampling and
+    of every 3^d conv (:mod:`medseg_jax.kernels`; same parameters and results whichever is chosen);
+    ``"auto"`` takes the backend's measured default (:func:`medseg_jax.kernels.select.resolve`), and
+    :func:`medseg_jax.kernels.select.autotune_model` times the candidates for a given input shape.
     """
 
     num_classes: int
@@ -66,7 +71,8 @@ class UNet(nn.Module):
     encoder: Literal["plain", "residual"] = "plain"
     n_blocks_per_stage: int | Sequence[int] = (1, 3, 4, 6, 6, 6)
     deep_supervision: bool = False
-    upsample_implementation: str = "matmul"
+    upsample_implementation: str = "auto"
+    conv_implementation: str = "auto"
     conv_bias: bool = True
     remat_encoder: bool = False
     dtype: Dtype = jnp.float32
@@ -104,7 +110,8 @@ class UNet(nn.Module):
     def __call__(self, x):
         self.check_input_shape(x.shape)
         features, kernels, strides = self.stage_features(), self.stage_kernels(), self.stage_strides()
-        common = dict(use_bias=self.conv_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        common = dict(use_bias=self.conv_bias, conv_implementation=self.conv_implementation, dtype=self.dtype,
+                      param_dtype=self.param_dtype)
         x = x.astype(self.dtype)
 
         skips = []

@@ -1,80 +1,229 @@
-"""The training loop: jitted step over a stream of batches, with progress and a non-finite guard.
+"""The training loop: the same code on a laptop CPU, a multi-GPU box and a TPU pod.
 
-This is the single-process loop; checkpointing, sharding and validation hook in here.
+``train(config, store_dir, run_dir, fold)``: builds the mesh and the sharded, jitted step, restores
+the newest readable checkpoint of ``run_dir`` if there is one (state, rng, learning-rate position and
+data stream: a resumed run ends with the same parameters as an uninterrupted one), then steps with a
+progress bar, appends metrics to ``metrics.jsonl``, validates every ``val_every`` steps (patch-level
+Dice on the fold's validation cases and nnU-Net's pseudo-Dice EMA), redraws ``training_curve.png``,
+checkpoints every ``checkpoint_every`` steps and at the end. SIGTERM / SIGINT save a checkpoint and
+return cleanly; a non-finite loss stops with the step number (or is skipped, by config).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import signal
+import threading
 import time
-from typing import Iterator
+from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from medseg_jax import checkpoint, parallel
+from medseg_jax.atomic import write_json_atomic, write_text_atomic
+from medseg_jax.config import to_dict
 from medseg_jax.errors import TrainingError
+from medseg_jax.train import run as setup
 from medseg_jax.train.optim import make_lr_schedule, make_optimizer
 from medseg_jax.train.state import create_train_state
-from medseg_jax.train.step import jit_train_step, make_train_step
+from medseg_jax.train.step import jit_train_step, make_eval_step, make_train_step
+
+PSEUDO_DICE_MOMENTUM = 0.9  # nnU-Net's EMA of the mean foreground Dice across validations
+VALIDATION_SEED = 12345  # validation draws the same patches every time, so values are comparable
 
 
-def init_state(model, train_config, sample_input):
-    """A fresh TrainState for ``model`` with the configured optimiser and seed."""
-    optimizer = make_optimizer(train_config)
-    return create_train_state(
-        model, optimizer, jax.random.key(train_config.seed), sample_input,
-        use_ema=train_config.ema_decay is not None,
-    ), optimizer
+@contextlib.contextmanager
+def stop_requests():
+    """A ``threading.Event`` set by SIGTERM / SIGINT while the block runs (main thread only)."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: event.set())
+    try:
+        yield event
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def fit(model, train_config, batches: Iterator[dict], *, state=None, progress: bool = True, log_every: int = 1):
-    """Train ``model`` for ``train_config.steps`` steps on ``batches``; returns ``(state, history)``.
+def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
+    """Entries of ``metrics.jsonl`` (a torn last line from a kill is ignored)."""
+    if not path.is_file():
+        return []
+    entries = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if up_to_step is None or entry.get("step", 0) <= up_to_step:
+            entries.append(entry)
+    return entries
 
-    ``history`` holds one dict per logged step: ``step``, ``loss``, ``learning_rate``, ``seconds``.
-    A non-finite loss raises :class:`TrainingError` with the step number under ``nan_policy: stop``;
-    under ``skip`` the update is dropped and training continues.
-    """
+
+def dice_from_counts(tp, fp, fn) -> np.ndarray:
+    """Per-class Dice 2tp / (2tp + fp + fn); NaN where a class is absent from both."""
+    denominator = 2 * tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, 2 * tp / denominator, np.nan)
+
+
+def validate(eval_fn, params, batches, shardings) -> dict:
+    """Patch-level validation over ``batches``: mean loss and per-class Dice from summed counts."""
+    totals, losses = None, []
+    for local in batches:
+        out = jax.device_get(eval_fn(params, parallel.global_batch(local, shardings)))
+        counts = np.stack([out["tp"], out["fp"], out["fn"]])
+        totals = counts if totals is None else totals + counts
+        losses.append(float(out["loss"]))
+    dice = dice_from_counts(*totals)
+    return {"val_loss": float(np.mean(losses)), "val_dice_per_class": [None if np.isnan(d) else float(d) for d in dice],
+            "val_dice": float(np.nanmean(dice[1:])) if np.any(~np.isnan(dice[1:])) else 0.0}
+
+
+def plot_curves(run_dir: Path, entries: list[dict]) -> None:
+    from medseg_jax.report import plot_training_curve
+
+    train_entries = [e for e in entries if "loss" in e]
+    val_entries = [e for e in entries if "val_dice" in e]
+    if train_entries:
+        plot_training_curve(train_entries, run_dir / "training_curve.png", validation=val_entries)
+
+
+def train(config, store_dir, run_dir, fold: int = 0, resume: bool = True, progress: bool = True,
+          log=lambda message: None) -> dict:
+    """Train on fold ``fold`` of the store; returns a summary dict (also written to ``summary.json``)."""
     from tqdm.auto import tqdm
 
-    first = next(batches)
-    if state is None:
-        state, optimizer = init_state(model, train_config, jnp.zeros((1, *first["image"].shape[1:]), jnp.float32))
+    from medseg_jax.data.loader import make_train_loader
+    from medseg_jax.data.store import CaseStore
+    from medseg_jax.models.factory import build_unet
+
+    parallel.initialize_distributed(config.distributed)
+    run_dir, store = Path(run_dir), CaseStore(store_dir)
+    plan = setup.store_plan(store_dir)
+    config = setup.resolve_config(config, plan)
+    split = setup.store_fold(store, fold)
+    main = parallel.is_main_process()
+    if main:
+        setup.write_run_files(run_dir, config, plan, fold)
+
+    model = build_unet(config.model)
+    mesh = parallel.make_mesh(config.mesh)
+    parallel.check_batch_divisible(mesh, config.data.batch_size, config.data.patch_size)
+    optimizer, schedule = make_optimizer(config.train), make_lr_schedule(config.train)
+    init = lambda key: create_train_state(model, optimizer, key, jax.numpy.zeros(setup.sample_input(config).shape),
+                                          use_ema=config.train.ema_decay is not None)
+    abstract = jax.eval_shape(init, jax.random.key(config.train.seed))
+    state_shardings = parallel.state_shardings(mesh, abstract, config.mesh.fsdp_min_size)
+    batch_shardings = parallel.batch_shardings(mesh, config.model.spatial_dims)
+
+    manager = checkpoint.make_manager(run_dir / "checkpoints", keep=config.train.keep_checkpoints)
+    restored = checkpoint.restore_latest_good(
+        manager, checkpoint.abstract_with_shardings(abstract, state_shardings),
+        check_meta=lambda meta: setup.check_compatible(meta, config, run_dir)) if resume else None
+    data_state, pseudo_dice = None, None
+    if restored is not None:
+        step0, state, data_state, meta, skipped = restored
+        for bad_step, reason in skipped:
+            log(f"warning: checkpoint {bad_step} is unreadable ({reason}); resuming from an older one")
+        pseudo_dice = meta.get("pseudo_dice")
+        log(f"resuming from step {step0} ({run_dir / 'checkpoints'})")
     else:
-        optimizer = make_optimizer(train_config)
-    schedule = make_lr_schedule(train_config)
-    step_fn = jit_train_step(make_train_step(model, optimizer, train_config.loss, lr_schedule=schedule,
-                                             ema_decay=train_config.ema_decay))
-    history = []
-    start_step = int(state.step)
-    bar = tqdm(total=train_config.steps, initial=start_step, desc="train", unit="step", disable=not progress)
-    started = time.perf_counter()
-    batch = first
-    for step in range(start_step, train_config.steps):
-        state, metrics = step_fn(state, batch)
-        if step + 1 < train_config.steps:
-            batch = next(batches)  # overlap host-side loading with the asynchronous device step
-        if (step + 1) % log_every == 0 or step + 1 == train_config.steps:
+        state = jax.jit(init, out_shardings=state_shardings)(jax.random.key(config.train.seed))
+    start = int(state.step)
+
+    per_host_batch = config.data.batch_size // jax.process_count()
+    loader = iter(make_train_loader(store, split["train"], config.data.patch_size, per_host_batch,
+                                    config.data.foreground_fraction, seed=config.data.seed,
+                                    num_workers=config.data.num_workers, shard_index=jax.process_index(),
+                                    shard_count=jax.process_count()))
+    if data_state is not None:
+        loader.set_state(data_state)
+    step_fn = jit_train_step(make_train_step(model, optimizer, config.train.loss, lr_schedule=schedule,
+                                             ema_decay=config.train.ema_decay), state_shardings, batch_shardings)
+    eval_fn = jax.jit(make_eval_step(model, config.train.loss), in_shardings=(state_shardings.params, batch_shardings))
+
+    metrics_path = run_dir / "metrics.jsonl"
+    entries = read_metrics(metrics_path, up_to_step=start)
+    if main:  # drop lines logged after the checkpoint we resumed from: they will be logged again
+        write_text_atomic(metrics_path, "".join(json.dumps(e) + "\n" for e in entries))
+
+    def meta() -> dict:
+        return {"config": to_dict(config), "plan": plan, "fold": fold, "pseudo_dice": pseudo_dice}
+
+    last_saved = start if restored is not None else None
+
+    def save(step: int, val_dice=None):
+        nonlocal last_saved
+        if step != last_saved:
+            checkpoint.save(manager, step, state, loader.get_state(), meta(), val_dice=val_dice)
+            last_saved = step
+
+    def append(entry: dict):
+        entries.append(entry)
+        if main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    steps, stopped, started = config.train.steps, False, time.perf_counter()
+    bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not (progress and main))
+    with stop_requests() as stop_requested:
+        for step in range(start, steps):
+            state, metrics = step_fn(state, parallel.global_batch(next(loader), batch_shardings))
             metrics = jax.device_get(metrics)
+            done = step + 1
             if not bool(metrics["finite"]):
-                if train_config.nan_policy == "stop":
+                if config.train.nan_policy == "stop":
                     bar.close()
+                    manager.wait_until_finished()
                     raise TrainingError(
-                        f"non-finite loss ({float(metrics['loss'])}) at step {step}; the update was not applied. "
-                        "Lower train.learning_rate, check the input intensities, or set train.nan_policy=skip."
-                    )
-            entry = {"step": step + 1, "loss": float(metrics["loss"]),
-                     "learning_rate": float(metrics["learning_rate"]), "seconds": time.perf_counter() - started}
-            history.append(entry)
-            bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['learning_rate']:.2e}")
-        bar.update(1)
+                        f"non-finite loss ({float(metrics['loss'])}) at step {step}; stopped without saving, the "
+                        f"last good checkpoint in {run_dir / 'checkpoints'} is intact. Lower train.learning_rate, "
+                        "check the input intensities, or set train.nan_policy=skip")
+                log(f"warning: non-finite loss at step {step}; update skipped")
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", lr=f"{float(metrics['learning_rate']):.2e}")
+            if done % config.train.log_every == 0 or done == steps:
+                append({"step": done, "loss": float(metrics["loss"]), "learning_rate": float(metrics["learning_rate"]),
+                        "grad_norm": float(metrics["grad_norm"]), "seconds": round(time.perf_counter() - started, 3)})
+            val_dice = None
+            if split["val"] and (done % config.train.val_every == 0 or done == steps):
+                val_batches = iter(make_train_loader(store, split["val"], config.data.patch_size, per_host_batch,
+                                                     config.data.foreground_fraction, seed=VALIDATION_SEED,
+                                                     shard_index=jax.process_index(), shard_count=jax.process_count()))
+                result = validate(eval_fn, state.params, (next(val_batches) for _ in range(config.train.val_batches)),
+                                  batch_shardings)
+                pseudo_dice = result["val_dice"] if pseudo_dice is None else (
+                    PSEUDO_DICE_MOMENTUM * pseudo_dice + (1 - PSEUDO_DICE_MOMENTUM) * result["val_dice"])
+                val_dice = pseudo_dice
+                append({"step": done, **result, "pseudo_dice": pseudo_dice})
+                if main:
+                    plot_curves(run_dir, entries)
+            if done % config.train.checkpoint_every == 0 or done == steps or val_dice is not None:
+                save(done, val_dice)
+            if stop_requested.is_set() and done < steps:
+                save(done)
+                stopped = True
+                break
     bar.close()
-    return state, history
-
-
-def loss_summary(history: list[dict]) -> str:
-    """One line: first and last loss and the time taken."""
-    if not history:
-        return "no steps run"
-    losses = np.array([h["loss"] for h in history])
-    return (f"{history[-1]['step']} steps in {history[-1]['seconds']:.1f} s, loss {losses[0]:.3f} -> "
-            f"{losses[-min(10, len(losses)):].mean():.3f} (mean of last {min(10, len(losses))})")
+    manager.wait_until_finished()
+    manager.close()
+    if main:
+        plot_curves(run_dir, entries)
+    final = int(state.step)
+    losses = [e["loss"] for e in entries if "loss" in e]
+    summary = {"run_dir": str(run_dir), "fold": fold, "step": final, "steps": steps, "stopped_early": stopped,
+               "final_loss": losses[-1] if losses else None, "pseudo_dice": pseudo_dice,
+               "seconds": round(time.perf_counter() - started, 2), "mesh": dict(mesh.shape)}
+    if main:
+        write_json_atomic(run_dir / "summary.json", summary)
+    if stopped:
+        log(f"stopped at step {final} of {steps} on request; checkpoint saved. Resume with the same command "
+            f"(it continues from {run_dir / 'checkpoints'}).")
+    return summary | {"state": state, "model": model, "config": config, "plan": plan, "split": split}

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from medseg_jax.losses import deep_supervision_loss, dice_ce_loss
-from medseg_jax.train.state import TrainState
+from medseg_jax.train.state import TrainState, step_key
 
 
 def loss_kwargs(loss_config) -> dict:
@@ -52,7 +52,7 @@ def make_train_step(
     kwargs = loss_kwargs(loss_config)
 
     def train_step(state: TrainState, batch):
-        key = jax.random.fold_in(state.rng, state.step)
+        key = step_key(state)
         image, label = batch["image"], batch["label"]
         if augment_fn is not None:
             image, label = augment_fn(key, image, label)

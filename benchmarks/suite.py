@@ -1,0 +1,171 @@
+"""The benchmark suite: :func:`run_benchmarks` measures the groups of :mod:`benchmarks.cases` and
+writes one JSON file and one Markdown table per run.
+
+Method (:mod:`benchmarks.timing`): ahead-of-time compile (reported separately), one warm-up call,
+``runs`` timed calls with ``block_until_ready``, members of a group interleaved round-robin; median
+and spread. FLOP convention: :mod:`benchmarks.cases`. ``fraction_of_matmul`` divides a member's
+analytic FLOP/s by a large matmul's FLOP/s measured in the same run (the device's practical peak).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+
+from benchmarks import cases, torch_baseline
+from benchmarks.report import markdown_report
+from benchmarks.timing import matmul_reference, peak_memory_bytes, summarize, time_round_robin
+from medseg_jax.atomic import write_json_atomic, write_text_atomic
+from medseg_jax.errors import ConfigError
+
+OPERATIONS = ("conv", "upsample", "conv_block", "unet_forward", "train_step", "sliding_window", "layers")
+DEFAULT_RUNS = {"smoke": 2, "nnunet": 3}
+MATMUL_SIZE = {"smoke": 256, "nnunet": 2048}
+
+
+def machine_info() -> dict:
+    device = jax.devices()[0]
+    info = {
+        "platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
+        "backend": jax.default_backend(), "device_kind": device.device_kind, "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+    try:
+        info["load_average"] = os.getloadavg()
+    except OSError:
+        pass
+    try:
+        import flax
+
+        info["flax"] = flax.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def check_arguments(preset: str, dims: Sequence[int], dtypes: Sequence[str], operations: Sequence[str]) -> None:
+    if preset not in cases.PRESETS:
+        raise ConfigError(f"benchmark preset must be one of {sorted(cases.PRESETS)}, got {preset!r}")
+    for d in dims:
+        if d not in (2, 3):
+            raise ConfigError(f"benchmark dims must be 2 and/or 3, got {d!r}")
+    for dt in dtypes:
+        if dt not in ("float32", "bfloat16"):
+            raise ConfigError(f"benchmark dtypes must be float32 and/or bfloat16, got {dt!r}")
+    for op in operations:
+        if op not in OPERATIONS:
+            raise ConfigError(f"unknown benchmark operation {op!r}; choose from {list(OPERATIONS)}")
+
+
+def groups_for(topology, dtype: str, operations: Sequence[str], torch_enabled: bool):
+    """The comparison groups of one (topology, dtype), in reporting order."""
+    ops = cases.representative_cases(topology, dtype)
+    if "conv" in operations:
+        for case in ops[:3]:
+            yield cases.op_group(case, backward=False)
+            yield cases.op_group(case, backward=True)
+    if "upsample" in operations:
+        yield cases.op_group(ops[3], backward=False)
+        yield cases.op_group(ops[3], backward=True)
+    if "conv_block" in operations:
+        yield cases.conv_block_group(topology, dtype)
+    if "unet_forward" in operations:
+        yield cases.forward_group(topology, dtype)
+    if "train_step" in operations:
+        torch_member = None
+        if torch_enabled:
+            torch_member = lambda: torch_baseline.prepare_train_step(topology, dtype)  # noqa: E731
+        yield cases.train_step_group(topology, dtype, torch_member)
+    if "sliding_window" in operations:
+        group = cases.sliding_window_group(topology, dtype)
+        if group is not None:
+            yield group
+
+
+def measure_group(group: cases.Group, runs: int, matmul_flop_per_s: float | None) -> list[dict]:
+    """Prepare every member, time them round-robin, and return one result row per member."""
+    prepared = {}
+    first_call = {}
+    for name, prepare in group.members.items():
+        prepared[name] = prepare()
+        start = time.perf_counter()
+        prepared[name].call()  # the warm-up call, timed: for eagerly compiled members it holds compilation
+        first_call[name] = time.perf_counter() - start
+    samples = time_round_robin(prepared, runs, warmup=0)
+    rows = []
+    for name, times in samples.items():
+        summary = summarize(times)
+        info = dict(prepared[name].info)
+        info.setdefault("compile_s", max(0.0, first_call[name] - summary["median_s"]))
+        row = {"group": group.name, "operation": group.operation, "dims": group.dims, "dtype": group.dtype,
+               "shape": group.shape, "implementation": name, **summary, **info}
+        if group.flops_analytic:
+            row["flops_analytic"] = group.flops_analytic
+            row["flop_per_s"] = group.flops_analytic / summary["median_s"]
+            if matmul_flop_per_s:
+                row["fraction_of_matmul"] = row["flop_per_s"] / matmul_flop_per_s
+        rows.append(row)
+    baseline = next((r for r in rows if r["implementation"] == group.baseline), None)
+    for row in rows:
+        if baseline is not None:
+            row["speedup_vs_baseline"] = baseline["median_s"] / row["median_s"]
+            row["baseline"] = group.baseline
+    peak = peak_memory_bytes()
+    if peak is not None:
+        for row in rows:
+            row["device_peak_bytes_so_far"] = peak
+    return rows
+
+
+def run_benchmarks(preset: str = "smoke", *, dims: Sequence[int] = (2, 3), dtypes: Sequence[str] = ("float32",),
+                   operations: Sequence[str] = OPERATIONS, runs: int | None = None, out_dir: str | os.PathLike | None = None,
+                   torch: bool = True, progress: Callable[[str], None] | None = None) -> dict:
+    """Run the suite and return ``{"meta", "matmul_reference", "results", "layer_profile"}``.
+
+    Args:
+      preset: ``"smoke"`` (toy shapes, seconds; what CI runs) or ``"nnunet"`` (nnU-Net's default 2D
+        256^2 x batch 2 and 3D 64^3 x batch 2 networks and their op shapes).
+      dims / dtypes / operations: which subsets to run (see :data:`OPERATIONS`).
+      runs: timed calls per member (default 2 for smoke, 3 for nnunet).
+      out_dir: when given, ``benchmark-<preset>-<UTC time>.json`` and ``.md`` are written there.
+      torch: include the PyTorch nnU-Net baseline in the train-step groups when it is installed and
+        the JAX backend is the CPU (the baseline runs on the CPU).
+      progress: called with a line of text before each group (the CLI prints it).
+    """
+    check_arguments(preset, dims, dtypes, operations)
+    runs = runs or DEFAULT_RUNS[preset]
+    say = progress or (lambda text: None)
+    torch_enabled = torch and torch_baseline.available() and jax.default_backend() == "cpu"
+    meta = {"preset": preset, "dims": list(dims), "dtypes": list(dtypes), "operations": list(operations), "runs": runs,
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine_info(), "torch_baseline": torch_baseline.versions() if torch_enabled else None,
+            "flop_convention": cases.__doc__.split("\n\n")[1].replace("\n", " ")}
+    matmul = {dt: matmul_reference(MATMUL_SIZE[preset], dt, runs) for dt in dtypes}
+    results, profiles = [], []
+    for d in dims:
+        topology = cases.PRESETS[preset][d]
+        for dtype in dtypes:
+            for group in groups_for(topology, dtype, operations, torch_enabled):
+                say(f"{d}D {dtype} {group.name} {group.shape}: {', '.join(group.members)}")
+                results.extend(measure_group(group, runs, matmul[dtype]["flop_per_s"]))
+            if "layers" in operations:
+                say(f"{d}D {dtype} layer profile of the default network")
+                variant = cases.NETWORK_VARIANTS["medseg-jax default"]
+                for row in cases.layer_profile(topology, dtype, variant, runs):
+                    profiles.append({"dims": d, "dtype": dtype, "variant": cases.resolved_variant(variant), **row})
+    meta["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    meta["load_average_after"] = machine_info().get("load_average")
+    report = {"meta": meta, "matmul_reference": matmul, "results": results, "layer_profile": profiles}
+    if out_dir is not None:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        base = Path(out_dir) / f"benchmark-{preset}-{stamp}"
+        write_json_atomic(base.with_suffix(".json"), report)
+        write_text_atomic(base.with_suffix(".md"), markdown_report(report))
+        report["files"] = [str(base.with_suffix(".json")), str(base.with_suffix(".md"))]
+    return report

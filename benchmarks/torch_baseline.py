@@ -1,0 +1,105 @@
+"""Optional side-by-side baseline: nnU-Net's own network (dynamic-network-architectures'
+``PlainConvUNet``) trained in PyTorch with the same topology, patch, batch and dtype.
+
+Never a dependency of medseg-jax: :func:`available` says whether ``torch`` and
+``dynamic_network_architectures`` import, and the suite skips the baseline when they do not. On CPU
+the network and data are channels-last (``channels_last`` / ``channels_last_3d``, oneDNN's fast path)
+and ``torch.set_num_threads`` is set to the JAX run's thread count; bfloat16 runs under
+``torch.autocast``.
+
+The step: forward with deep supervision, loss = sum over outputs of nnU-Net's weights x (soft Dice
+(foreground classes, smooth 1e-5) + cross-entropy) on nearest-downsampled labels, backward, gradient
+norm clip 12, SGD (lr 1e-2, Nesterov momentum 0.99, weight decay 3e-5) -- nnU-Net's trainer step.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from benchmarks.timing import Prepared
+
+
+def available() -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in ("torch", "dynamic_network_architectures"))
+
+
+def versions() -> dict:
+    import dynamic_network_architectures
+    import torch
+
+    return {"torch": torch.__version__,
+            "dynamic_network_architectures": getattr(dynamic_network_architectures, "__version__", "unknown")}
+
+
+def jax_thread_count() -> int:
+    """Threads XLA's CPU backend uses: every core this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def build_network(topology):
+    import torch
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    conv = torch.nn.Conv3d if topology.dims == 3 else torch.nn.Conv2d
+    norm = torch.nn.InstanceNorm3d if topology.dims == 3 else torch.nn.InstanceNorm2d
+    return PlainConvUNet(
+        input_channels=topology.in_channels, n_stages=len(topology.features), features_per_stage=topology.features,
+        conv_op=conv, kernel_sizes=3, strides=[list(s) for s in topology.strides], n_conv_per_stage=2,
+        num_classes=topology.num_classes, n_conv_per_stage_decoder=2, conv_bias=True, norm_op=norm,
+        norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU,
+        nonlin_kwargs={"negative_slope": 1e-2, "inplace": True}, deep_supervision=True,
+    )
+
+
+def deep_supervision_loss(outputs, label, num_classes: int):
+    """nnU-Net's weighted Dice + CE over the deep-supervision outputs (highest resolution first)."""
+    import torch
+    import torch.nn.functional as F
+
+    weights = [1 / 2**i for i in range(len(outputs))]
+    weights[-1] = 0.0
+    total_weight = sum(weights)
+    loss = 0.0
+    for weight, logits in zip(weights, outputs):
+        if weight == 0:
+            continue
+        stride = label.shape[1] // logits.shape[2]
+        target = label[(slice(None),) + (slice(None, None, stride),) * (label.ndim - 1)]
+        ce = F.cross_entropy(logits.float(), target)
+        probs = torch.softmax(logits.float(), 1)
+        onehot = F.one_hot(target, num_classes).movedim(-1, 1).float()
+        axes = tuple(range(2, probs.ndim))
+        inter = (probs * onehot).sum(axes)
+        denom = probs.sum(axes) + onehot.sum(axes)
+        dice = ((2 * inter + 1e-5) / (denom + 1e-5))[:, 1:].mean()
+        loss = loss + weight / total_weight * (ce + 1 - dice)
+    return loss
+
+
+def prepare_train_step(topology, dtype: str, threads: int | None = None) -> Prepared:
+    """A PyTorch training step of ``topology`` ready to time; ``info`` has the parameter count."""
+    import torch
+
+    torch.set_num_threads(threads or jax_thread_count())
+    torch.manual_seed(0)
+    memory_format = torch.channels_last_3d if topology.dims == 3 else torch.channels_last
+    network = build_network(topology).to(memory_format=memory_format)
+    optimizer = torch.optim.SGD(network.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    image = torch.randn(topology.batch, topology.in_channels, *topology.patch).to(memory_format=memory_format)
+    label = torch.randint(0, topology.num_classes, (topology.batch, *topology.patch))
+    autocast = dtype == "bfloat16"
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            outputs = network(image)
+        loss = deep_supervision_loss(outputs, label, topology.num_classes)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
+        optimizer.step()
+        return loss.item()
+
+    info = {"parameters": sum(p.numel() for p in network.parameters()), "threads": torch.get_num_threads(),
+            **versions()}
+    return Prepared(step, info)

@@ -1,0 +1,318 @@
+"""Folder-versus-folder evaluation: predicted label maps against reference label maps (NIfTI).
+
+:func:`evaluate_folders` matches cases by file name (``{case}.nii.gz`` or ``{case}.nii`` directly in each
+folder), checks that every reference has a prediction of the same shape and affine, and computes the
+metrics of :func:`medseg_jax.metrics.segmentation_metrics` for every case and class (in a process pool
+when ``num_workers > 1``). :func:`write_evaluation` writes ``metrics.csv`` (one row per case x class)
+and ``summary.json``; :func:`format_table` renders the summary for a terminal.
+
+Spacing comes from the reference's affine (column norms, mm) in the file's voxel order; a 3D file with
+a single slice (nnU-Net's 2D layout) is evaluated as 2D (contours, areas in mm^2).
+
+Aggregation over cases, per class and metric (stated in ``summary.json``): ``mean``, ``median`` and
+``std`` (population, ddof 0) are taken over the cases whose value is not NaN, as nnU-Net's nanmean;
+``count`` is the number of such cases, ``count_nan`` the others. An inf (one mask empty under the
+surface-distance conventions) is kept: it makes the mean inf and the std NaN, the median is robust to it,
+and ``count_inf`` says how many there are. ``foreground_mean`` is the mean of the class means (NaN-skipping).
+``unmatched_predictions`` lists predictions without a reference (not evaluated). In ``summary.json`` NaN is
+written as null and inf as the string "inf"; ``metrics.csv`` writes "nan" / "inf".
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import io
+import json
+import multiprocessing
+import os
+from pathlib import Path
+
+import numpy as np
+
+from medseg_jax.atomic import write_json_atomic, write_text_atomic
+from medseg_jax.data.io import NIFTI_SUFFIXES, read_nifti, read_nifti_header
+from medseg_jax.errors import ConfigError, DataError
+from medseg_jax.metrics.conventions import check_convention
+from medseg_jax.metrics.per_class import (
+    DEFAULT_NSD_TOLERANCE_MM,
+    METRIC_NAMES,
+    empty_case_metrics,
+    segmentation_metrics,
+)
+from medseg_jax.metrics.surface import SURFACE_DEFINITIONS
+
+COLUMNS = ("case", "class", "label", *METRIC_NAMES)
+AGGREGATED = ("dice", "iou", "hd95", "assd", "nsd", "volume_ref", "volume_pred", "volume_diff")
+SCORES = ("dice", "iou", "hd95", "assd", "nsd")
+
+
+def read_labels(path: str | os.PathLike) -> dict[str, int]:
+    """Foreground labels ``{name: value}`` from a dataset.json (nnU-Net ``{name: int}`` or MSD ``{"1": name}``).
+
+    Background (value 0) is left out. Raises ConfigError naming the file if ``labels`` is missing or
+    malformed (region-based lists are not supported).
+    """
+    path = Path(path)
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read labels ({exc})") from exc
+    raw = meta.get("labels") if isinstance(meta, dict) else None
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{path}: field 'labels' must be an object such as {{\"background\": 0, \"liver\": 1}}")
+    if all(isinstance(k, str) and k.isdigit() and isinstance(v, str) for k, v in raw.items()):
+        raw = {name: int(key) for key, name in raw.items()}  # MSD: "1": "liver"
+    return check_labels(raw, where=str(path))
+
+
+def check_labels(labels: dict, where: str = "labels") -> dict[str, int]:
+    """``labels`` as ``{str name: int value}`` without background (0); ConfigError if malformed."""
+    bad = {name: v for name, v in labels.items()
+           if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0}
+    if bad:
+        raise ConfigError(f"{where}: label values must be non-negative integers (one per name), got {bad}")
+    out = {str(name): int(v) for name, v in labels.items() if int(v) != 0}
+    if len(set(out.values())) != len(out):
+        raise ConfigError(f"{where}: two labels share a value ({out})")
+    if not out:
+        raise ConfigError(f"{where}: no foreground label (every value is 0)")
+    return out
+
+
+def find_cases(folder: str | os.PathLike) -> dict[str, Path]:
+    """``{case: path}`` of the NIfTI files directly in ``folder`` (hidden files skipped)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: folder not found")
+    cases: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        ending = next((e for e in NIFTI_SUFFIXES if path.name.endswith(e)), None)
+        if ending is None or path.name.startswith(".") or not path.is_file():
+            continue
+        case = path.name[: -len(ending)]
+        if case in cases:
+            raise DataError(f"{folder}: case {case!r} has two files ({cases[case].name}, {path.name})")
+        cases[case] = path
+    return cases
+
+
+def evaluate_folders(pred_dir, ref_dir, labels: dict[str, int] | None = None,
+                     nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM, num_workers: int = 1, progress: bool = True,
+                     empty: str = "nnunet", surface: str = "element", affine_tolerance: float = 1e-3
+                     ) -> tuple[list[dict], dict]:
+    """Evaluate every reference in ``ref_dir`` against the prediction of the same name in ``pred_dir``.
+
+    ``labels``: ``{name: value}`` of the classes to evaluate (background 0 ignored); default: every
+    non-zero value found in the references, named by its value (values found only in predictions are then
+    not evaluated). ``empty`` / ``surface``: see :func:`medseg_jax.metrics.segmentation_metrics`.
+    Affines must agree entry-wise within ``affine_tolerance`` (mm).
+
+    Returns ``(rows, summary)``: one row per case x class (keys :data:`COLUMNS`, cases sorted) and the
+    summary described in the module docstring. Raises DataError listing the references without a
+    prediction, or naming every case whose shape or affine differ, before any metric is computed; nothing
+    is written.
+    """
+    from tqdm.auto import tqdm
+
+    check_convention(empty)
+    if surface not in SURFACE_DEFINITIONS:
+        raise ConfigError(f"surface must be one of {SURFACE_DEFINITIONS}, got {surface!r}")
+    if not nsd_tolerance_mm >= 0:
+        raise ConfigError(f"NSD tolerance must be >= 0 mm, got {nsd_tolerance_mm}")
+    labels = None if labels is None else check_labels(labels)
+    refs, preds = find_cases(ref_dir), find_cases(pred_dir)
+    if not refs:
+        raise DataError(f"{ref_dir}: no reference NIfTI files (.nii.gz / .nii)")
+    missing = sorted(set(refs) - set(preds))
+    if missing:
+        raise DataError(f"{pred_dir}: no prediction for {len(missing)} reference case(s): {', '.join(missing)}")
+    _check_geometry(refs, preds, affine_tolerance)
+    classes = None if labels is None else sorted(labels.values())
+    jobs = [(case, str(preds[case]), str(refs[case]), classes, nsd_tolerance_mm, empty, surface) for case in refs]
+    with tqdm(total=len(jobs), desc="evaluate", unit="case", disable=not progress) as bar:
+        results = _run(jobs, num_workers, bar)
+    if labels is None:
+        found = sorted(set().union(*(present for _, present, _, _ in results)))
+        if not found:
+            raise DataError(f"{ref_dir}: no reference contains a foreground label; pass the labels to evaluate")
+        labels = {str(k): k for k in found}
+    rows = []
+    for case, _, dim, per_class in results:
+        for name, value in labels.items():
+            metrics = per_class.get(value) or empty_case_metrics(empty)
+            rows.append({"case": case, "class": name, "label": value, **metrics})
+    settings = {"nsd_tolerance_mm": nsd_tolerance_mm, "empty": empty, "surface": surface,
+                "dims": sorted({dim for _, _, dim, _ in results})}
+    summary = summarize(rows, labels, settings)
+    summary["unmatched_predictions"] = sorted(set(preds) - set(refs))
+    return rows, summary
+
+
+def summarize(rows: list[dict], labels: dict[str, int], settings: dict) -> dict:
+    """Per-class aggregation of ``rows`` (see the module docstring for the convention)."""
+    per_class = {}
+    for name, value in labels.items():
+        entry: dict = {"label": value}
+        for metric in AGGREGATED:
+            entry[metric] = _aggregate([r[metric] for r in rows if r["label"] == value])
+        per_class[name] = entry
+    foreground = {}
+    for metric in SCORES:
+        means = np.array([per_class[n][metric]["mean"] for n in per_class], dtype=float)
+        foreground[metric] = float(np.mean(means[~np.isnan(means)])) if (~np.isnan(means)).any() else float("nan")
+    dims = settings.get("dims", [3])
+    units = sorted({"mL" if d == 3 else "mm^2" for d in dims})
+    return {
+        "num_cases": len({r["case"] for r in rows}),
+        "conventions": {
+            "empty": settings["empty"],
+            "empty_description": _EMPTY_DESCRIPTIONS[settings["empty"]],
+            "surface": settings["surface"],
+            "nsd_tolerance_mm": settings["nsd_tolerance_mm"],
+            "hd_percentile": 95,
+            "volume_unit": " / ".join(units),
+            "aggregation": ("mean, median and std (ddof 0) over the cases whose value is not NaN; inf values are "
+                            "kept (mean inf, std NaN); count = cases not NaN"),
+        },
+        "classes": per_class,
+        "foreground_mean": foreground,
+    }
+
+
+def write_evaluation(out_dir: str | os.PathLike, rows: list[dict], summary: dict) -> dict[str, Path]:
+    """Write ``metrics.csv`` and ``summary.json`` into ``out_dir``, each atomically; returns their paths."""
+    out_dir = Path(out_dir)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({c: row[c] for c in COLUMNS} for row in rows)
+    paths = {"metrics": out_dir / "metrics.csv", "summary": out_dir / "summary.json"}
+    write_text_atomic(paths["metrics"], buffer.getvalue())
+    write_json_atomic(paths["summary"], _json_safe(summary))
+    return paths
+
+
+def format_table(summary: dict) -> str:
+    """A plain-text table of the class means (+- std) of every score and the mean volume difference."""
+    conventions = summary["conventions"]
+    headers = ["class", "cases", "Dice", "IoU", "HD95 mm", "ASSD mm", f"NSD@{conventions['nsd_tolerance_mm']:g}mm",
+               f"dVol {conventions['volume_unit']}"]
+    lines = []
+    for name, entry in summary["classes"].items():
+        nan = entry["dice"]["count_nan"]
+        cases = f"{entry['dice']['count']}" + (f" (+{nan} NaN)" if nan else "")
+        lines.append([name, cases] + [_mean_std(entry[m]) for m in (*SCORES, "volume_diff")])
+    fg = summary["foreground_mean"]
+    lines.append(["mean", ""] + [f"{fg[m]:.4g}" for m in SCORES] + [""])
+    widths = [max(len(str(row[i])) for row in [headers] + lines) for i in range(len(headers))]
+    text = [" ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [headers] + lines]
+    text.append(f"empty masks: {conventions['empty']} ({conventions['empty_description']}); "
+                f"surface: {conventions['surface']}")
+    return "\n".join(text)
+
+
+_EMPTY_DESCRIPTIONS = {
+    "nnunet": "both empty -> NaN; one empty -> Dice/IoU/NSD 0, HD95/ASSD inf",
+    "monai": "reference empty -> NaN; prediction empty -> Dice/IoU/NSD 0, HD95/ASSD inf",
+}
+
+
+def _check_geometry(refs: dict[str, Path], preds: dict[str, Path], tolerance: float) -> None:
+    """Raise one DataError naming every case whose prediction's shape or affine differs from its reference."""
+    problems = []
+    for case, ref_path in refs.items():
+        ref_shape, ref_affine = read_nifti_header(ref_path)
+        pred_shape, pred_affine = read_nifti_header(preds[case])
+        if ref_shape != pred_shape:
+            problems.append(f"case {case}: prediction shape {pred_shape} != reference shape {ref_shape}")
+        elif not np.allclose(ref_affine, pred_affine, rtol=0.0, atol=tolerance):
+            problems.append(f"case {case}: prediction affine differs from the reference affine "
+                            f"(max difference {np.max(np.abs(ref_affine - pred_affine)):.4g} mm)")
+    if problems:
+        raise DataError("geometry mismatch between predictions and references:\n"
+                        + "\n".join(f"  - {p}" for p in problems))
+
+
+def _run(jobs: list, num_workers: int, bar) -> list:
+    if num_workers <= 1:
+        results = []
+        for job in jobs:
+            results.append(_evaluate_case(*job))
+            bar.update(1)
+        return results
+    # "spawn" keeps workers free of any JAX state the parent process may hold.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
+        futures = [pool.submit(_evaluate_case, *job) for job in jobs]
+        try:
+            results = []
+            for future in futures:
+                results.append(future.result())
+                bar.update(1)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return results
+
+
+def _evaluate_case(case, pred_path, ref_path, classes, nsd_tolerance_mm, empty, surface):
+    """Worker: ``(case, labels present in the reference, dim, {class: metrics})`` for one case."""
+    reference, prediction = read_nifti(ref_path), read_nifti(pred_path)
+    ref = _integer_labels(reference.array, case, ref_path)
+    pred = _integer_labels(prediction.array, case, pred_path)
+    spacing = reference.spacing
+    if ref.ndim == 3 and 1 in ref.shape:  # a single-slice 3D file holds a 2D image
+        keep = [a for a, n in enumerate(ref.shape) if n != 1]
+        if len(keep) == 2:
+            ref, pred = ref.squeeze(), pred.squeeze()
+            spacing = tuple(spacing[a] for a in keep)
+    present = {int(k) for k in np.unique(ref) if k != 0}
+    todo = classes if classes is not None else sorted(present | {int(k) for k in np.unique(pred) if k != 0})
+    metrics = segmentation_metrics(pred, ref, spacing, todo, nsd_tolerance_mm=nsd_tolerance_mm, empty=empty,
+                                   surface=surface)
+    return case, present, ref.ndim, metrics
+
+
+def _integer_labels(array: np.ndarray, case: str, path) -> np.ndarray:
+    if np.issubdtype(array.dtype, np.integer) or array.dtype == bool:
+        return array.astype(np.int64, copy=False)
+    if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
+        raise DataError(f"case {case}: {path} is not a label map (non-integer values)")
+    return array.astype(np.int64)
+
+
+def _aggregate(values: list[float]) -> dict:
+    array = np.asarray(values, dtype=float)
+    kept = array[~np.isnan(array)]
+    stats = {"mean": float("nan"), "median": float("nan"), "std": float("nan")}
+    if kept.size:
+        with np.errstate(invalid="ignore"):
+            stats = {"mean": float(np.mean(kept)), "median": float(np.median(kept)), "std": float(np.std(kept))}
+    return {**stats, "count": int(kept.size), "count_nan": int(array.size - kept.size),
+            "count_inf": int(np.isinf(kept).sum())}
+
+
+def _mean_std(stats: dict) -> str:
+    mean, std = stats["mean"], stats["std"]
+    if np.isnan(mean):
+        return "nan"
+    if np.isinf(mean):  # some case had an empty mask: the median still says something
+        return f"{mean:.4g} (median {stats['median']:.4g})"
+    return f"{mean:.4g}" if np.isnan(std) else f"{mean:.4g} +- {std:.2g}"
+
+
+def _json_safe(value):
+    """NaN -> None, ±inf -> "inf" / "-inf", recursively (strict JSON has neither)."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        if np.isnan(value):
+            return None
+        if np.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return float(value)
+    return value

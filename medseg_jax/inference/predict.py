@@ -1,0 +1,275 @@
+"""Scan -> mask prediction: preprocessing, sliding window, inverse geometry, postprocessing, files.
+
+Per case (:meth:`Predictor.predict_volume`):
+
+1. ``preprocess_case(images, None, plan)``: RAS, crop to non-zero, resample, normalise (the plan's steps);
+2. sliding window on the preprocessed grid (:func:`~medseg_jax.inference.sliding_window.sliding_window`):
+   3D plans predict the whole volume; 2D plans (``plan["dim"] == 2``) predict every slice along the last
+   (RAS z) axis, all slices batched through one 2D sliding window;
+3. softmax over classes, ``restore_geometry(kind="probabilities")`` (order-1 resampling back, background
+   probability 1 outside the crop box, original orientation), then the arg-max: nnU-Net resamples
+   class probabilities, not labels, so boundaries are interpolated before the decision;
+4. optionally only the largest connected component of each foreground class is kept.
+
+The label map has exactly the input's shape and affine. File-level functions read NIfTI files or a DICOM
+series folder and write NIfTI atomically; probabilities go to ``{case}.npz`` (``probabilities`` float32
+``(K, *original shape)`` and ``affine``), written before the label and removed again if the label fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from medseg_jax.atomic import atomic_path
+from medseg_jax.config import InferenceConfig
+from medseg_jax.data import io
+from medseg_jax.data.preprocess import preprocess_case, restore_geometry
+from medseg_jax.errors import ConfigError, DataError, MedsegError
+from medseg_jax.inference.sliding_window import sliding_window
+from medseg_jax.postprocess import keep_largest_component
+
+CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})(?P<ending>\.nii\.gz|\.nii)$")
+
+
+class Prediction(NamedTuple):
+    """One case's result: ``label`` (uint8 Volume in the input's geometry), ``probabilities`` (one float32
+    Volume per class, or None) and ``summary`` (``seconds``, ``volume_ml`` per foreground class, ...)."""
+
+    label: io.Volume
+    probabilities: list[io.Volume] | None
+    summary: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class _FullResolution:
+    """``model.apply`` returning only the full-resolution logits (deep supervision returns a list).
+
+    A frozen dataclass, so it hashes by the model's fields and the compiled sliding-window program is
+    found again for the same model whatever wrapper object a call builds.
+    """
+
+    model: Any
+
+    def __call__(self, params, windows):
+        out = self.model.apply(params, windows)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+
+def _voxel_volume_ml(volume: io.Volume) -> float:
+    """Volume of one voxel in millilitres (|det| of the affine's 3x3 part in mm^3; 2D: pixel area)."""
+    if volume.array.ndim == 3:
+        return float(abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
+    return float(np.prod(volume.spacing)) / 1000.0
+
+
+class Predictor:
+    """Predicts cases with one model, parameters, plan and inference settings.
+
+    ``model`` is a Flax module whose ``apply(params, x)`` maps ``(N, *patch, C)`` to logits (or a list of
+    them, highest resolution first); ``plan`` is the training run's plan; ``inference_config`` an
+    :class:`~medseg_jax.config.InferenceConfig` (``mirror_axes`` null = every axis of the network,
+    ``()`` = no mirroring). Compiled programs are reused for every case of the same preprocessed shape
+    (with ``accumulate="host"``: for every case). ``largest_component`` keeps only the largest connected
+    component per foreground class; ``mesh`` splits window batches over its ``data`` axis.
+    """
+
+    def __init__(self, model, params, plan: dict, inference_config: InferenceConfig | None = None, *,
+                 accumulate: str = "device", largest_component: bool = False, mesh=None):
+        self.params = params
+        self.plan = plan
+        self.config = inference_config or InferenceConfig()
+        self.accumulate = accumulate
+        self.largest_component = largest_component
+        self.mesh = mesh
+        self.dim = int(plan["dim"])
+        self.patch_size = tuple(int(p) for p in plan["patch_size"])
+        self.apply_fn = _FullResolution(model)
+        axes = self.config.mirror_axes
+        if axes is not None and any(not 0 <= int(a) < self.dim for a in axes):
+            raise ConfigError(f"inference.mirror_axes {tuple(axes)}: a {self.dim}D network has axes 0..{self.dim - 1}")
+
+    def logits(self, image: np.ndarray) -> np.ndarray:
+        """Blended logits ``(K, *spatial)`` float32 for a preprocessed image ``(C, *spatial)``."""
+        extra = image.ndim - 1 - self.dim
+        if extra == 0:
+            windows_input = np.moveaxis(image, 0, -1)
+        elif extra == 1:  # 2D network on a volume: the slices along the last axis form the image batch
+            windows_input = np.moveaxis(image, (0, image.ndim - 1), (-1, 0))
+        else:
+            raise DataError(f"a {image.ndim - 1}D image cannot be predicted with a {self.dim}D plan")
+        c = self.config
+        logits = sliding_window(self.apply_fn, windows_input, self.patch_size, step=c.step_size,
+                                sigma_scale=c.sigma_scale, batch_size=c.batch_size, mirror_axes=c.mirror_axes,
+                                params=self.params, accumulate=self.accumulate, mesh=self.mesh)
+        probabilities = np.asarray(jax.nn.softmax(logits, axis=-1), dtype=np.float32)
+        if probabilities.shape[-1] != int(self.plan["num_classes"]):
+            raise ConfigError(f"the model predicts {probabilities.shape[-1]} classes, the plan has "
+                              f"{self.plan['num_classes']}")
+        if extra == 0:
+            return np.moveaxis(probabilities, -1, 0)
+        return np.moveaxis(probabilities, (-1, 0), (0, probabilities.ndim - 1))
+
+    def predict_volume(self, images: list[io.Volume], return_probabilities: bool = False,
+                       case_id: str | None = None) -> Prediction:
+        """Predict one case given one :class:`~medseg_jax.data.io.Volume` per channel (plan order)."""
+        started = time.perf_counter()
+        image, _, properties = preprocess_case(images, None, self.plan)
+        probabilities = self.logits(image)  # softmax already applied: (K, *preprocessed spatial)
+        restored = restore_geometry(probabilities, properties, kind="probabilities")
+        label_array = np.argmax(np.stack([v.array for v in restored]), axis=0).astype(np.uint8)
+        if self.largest_component:
+            label_array = keep_largest_component(label_array).astype(np.uint8)
+        label = io.Volume(label_array, restored[0].affine, {"source": images[0].metadata.get("source")})
+        voxel_ml = _voxel_volume_ml(label)
+        counts = np.bincount(label_array.ravel(), minlength=int(self.plan["num_classes"]))
+        summary = {
+            "case": case_id or images[0].metadata.get("source", "<in-memory volume>"),
+            "seconds": round(time.perf_counter() - started, 3),
+            "shape": list(label.shape),
+            "spacing_mm": [round(s, 4) for s in label.spacing],
+            "preprocessed_shape": list(properties["shape_after_resample"]),
+            "volume_ml": {name: float(counts[value] * voxel_ml) for name, value in self.plan["labels"].items()
+                          if value > 0},
+            "largest_component": self.largest_component,
+        }
+        return Prediction(label, restored if return_probabilities else None, summary)
+
+
+def predict_volume(model, params, plan: dict, images: list[io.Volume], inference_config=None,
+                   return_probabilities: bool = False, **predictor_options) -> Prediction:
+    """One-call form of :meth:`Predictor.predict_volume` (options as :class:`Predictor`)."""
+    predictor = Predictor(model, params, plan, inference_config, **predictor_options)
+    return predictor.predict_volume(images, return_probabilities=return_probabilities)
+
+
+# --- files ------------------------------------------------------------------------------------------------
+
+
+def _write_outputs(prediction: Prediction, label_path: Path) -> list[Path]:
+    """Write the label (and probabilities beside it); on failure remove what this call wrote."""
+    written: list[Path] = []
+    try:
+        if prediction.probabilities is not None:
+            probs_path = label_path.with_name(re.sub(r"\.nii(\.gz)?$", "", label_path.name) + ".npz")
+            with atomic_path(probs_path) as tmp:
+                with open(tmp, "wb") as handle:
+                    np.savez_compressed(handle, probabilities=np.stack([v.array for v in prediction.probabilities]),
+                                        affine=prediction.label.affine)
+            written.append(probs_path)
+        written.append(io.write_nifti(prediction.label, label_path, dtype=np.uint8))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def _case_name(path: Path) -> str:
+    """``case`` from ``case_0000.nii.gz`` / ``case.nii.gz`` / a DICOM folder ``case/``."""
+    match = CHANNEL_FILE.match(path.name)
+    if match:
+        return match["case"]
+    return re.sub(r"\.nii(\.gz)?$", "", path.name)
+
+
+def predict_path(input_path, output_path, model, params, plan: dict, inference_config=None, *,
+                 predictor: Predictor | None = None, save_probabilities: bool = False, **predictor_options) -> dict:
+    """Predict one case from a NIfTI file, a DICOM series folder, or a list of channel files (plan order).
+
+    ``output_path``: a ``.nii.gz`` / ``.nii`` file, or a folder to write ``{case}.nii.gz`` into. Returns the
+    case summary with ``output`` added. Errors are :class:`DataError` naming the input; nothing is written
+    for a case that fails. ``predictor`` reuses an existing :class:`Predictor` (model etc. then ignored).
+    """
+    inputs = [Path(p) for p in input_path] if isinstance(input_path, (list, tuple)) else [Path(input_path)]
+    name = _case_name(inputs[0])
+    output_path = Path(output_path)
+    if not io.is_nifti(output_path):
+        output_path = output_path / f"{name}.nii.gz"
+    predictor = predictor or Predictor(model, params, plan, inference_config, **predictor_options)
+    try:
+        images = [io.read_image(p) for p in inputs]
+        if len({v.shape for v in images}) != 1:
+            raise DataError(f"channel shapes differ: {[v.shape for v in images]}")
+        prediction = predictor.predict_volume(images, return_probabilities=save_probabilities, case_id=name)
+    except MedsegError as exc:
+        raise DataError(f"case {name} ({', '.join(str(p) for p in inputs)}): {exc}") from exc
+    _write_outputs(prediction, output_path)
+    return {**prediction.summary, "output": str(output_path)}
+
+
+def find_cases(input_dir, num_channels: int) -> dict[str, list[Path]]:
+    """Group ``{case}_{XXXX}.nii.gz`` files of ``input_dir`` by case, channels in order (nnU-Net naming).
+
+    Raises :class:`DataError` naming the file or case for a NIfTI file without a channel suffix, a case
+    whose channels are not exactly ``_0000`` .. ``_{num_channels - 1}``, or a folder without cases.
+    """
+    input_dir = Path(input_dir)
+    if not input_dir.is_dir():
+        raise DataError(f"{input_dir}: not a folder")
+    channels: dict[str, dict[int, Path]] = {}
+    for path in sorted(input_dir.iterdir()):
+        if path.name.startswith(".") or not io.is_nifti(path):
+            continue
+        match = CHANNEL_FILE.match(path.name)
+        if not match:
+            raise DataError(f"{path}: expected nnU-Net naming {{case}}_{{XXXX}}.nii.gz (4-digit channel)")
+        channels.setdefault(match["case"], {})[int(match["channel"])] = path
+    if not channels:
+        raise DataError(f"{input_dir}: no NIfTI files to predict")
+    cases = {}
+    for case, found in sorted(channels.items()):
+        if sorted(found) != list(range(num_channels)):
+            raise DataError(f"case {case} in {input_dir}: found channel(s) {[f'{c:04d}' for c in sorted(found)]}, "
+                            f"the plan expects {num_channels} ({', '.join(f'{c:04d}' for c in range(num_channels))})")
+        cases[case] = [found[c] for c in range(num_channels)]
+    return cases
+
+
+def predict_folder(input_dir, output_dir, model, params, plan: dict, inference_config=None, *,
+                   save_probabilities: bool = False, skip_existing: bool = False, progress: bool = True,
+                   **predictor_options) -> list[dict]:
+    """Predict every case of a folder in nnU-Net naming into ``output_dir/{case}.nii.gz``.
+
+    The whole folder is checked first (names, channel counts, readable headers, channel shapes), so a
+    wrong folder fails before anything is written. Each case's outputs are written atomically after it
+    is predicted; a case failing later (e.g. a corrupted voxel stream) raises :class:`DataError` naming it,
+    with the cases before it complete and nothing of it written. Returns the per-case summaries.
+    """
+    from tqdm.auto import tqdm
+
+    cases = find_cases(input_dir, len(plan["channel_names"]))
+    for case, paths in cases.items():
+        try:
+            shapes = {io.read_nifti_header(p)[0] for p in paths}
+        except DataError as exc:
+            raise DataError(f"case {case}: {exc}") from exc
+        if len(shapes) != 1:
+            raise DataError(f"case {case}: channel shapes differ {sorted(shapes)}")
+    predictor = Predictor(model, params, plan, inference_config, **predictor_options)
+    output_dir = Path(output_dir)
+    summaries = []
+    for case, paths in tqdm(cases.items(), desc="predict", unit="case", disable=not progress):
+        target = output_dir / f"{case}.nii.gz"
+        if skip_existing and target.exists():
+            continue
+        summaries.append(predict_path(paths, target, None, None, plan, predictor=predictor,
+                                      save_probabilities=save_probabilities))
+    return summaries
+
+
+def predict_input(input_path, output_path, model, params, plan: dict, inference_config=None, **options):
+    """Dispatch for a command line: a folder holding NIfTI files -> :func:`predict_folder` (returns a list of
+    summaries); a NIfTI file or a DICOM series folder -> :func:`predict_path` (returns a one-item list)."""
+    input_path = Path(input_path)
+    if input_path.is_dir() and any(io.is_nifti(p) for p in input_path.iterdir()):
+        return predict_folder(input_path, output_path, model, params, plan, inference_config, **options)
+    options.pop("skip_existing", None)
+    options.pop("progress", None)
+    return [predict_path(input_path, output_path, model, params, plan, inference_config, **options)]

@@ -1,0 +1,204 @@
+"""Autotuning: time each implementation of an operation for given shapes, cache the timings on disk,
+and pick the fastest for a model's own layers.
+
+What is timed: one jitted forward + backward (the VJP for a fixed cotangent, with respect to input
+and kernel) per implementation, after one warm-up call, the median of ``runs`` calls. Implementations
+are timed round-robin (one call of each per round) so that a load change on a shared machine hits all
+of them alike.
+
+Cache: a JSON file, ``$MEDSEG_JAX_CACHE/autotune.json`` when that variable is set, else
+``$XDG_CACHE_HOME/medseg_jax/autotune.json`` (``~/.cache/...`` without it), written atomically. One
+entry per device kind, operation, shapes, strides and dtype; entries are reused unless ``refresh``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from medseg_jax.atomic import write_json_atomic
+from medseg_jax.kernels.select import backend_name, implementations, resolve
+from medseg_jax.kernels.upsample_pallas import use_interpret
+
+CACHE_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class OpCase:
+    """One call of an operation: input ``(N, *S, C_in)``, kernel ``(*k, C_in, C_out)``, strides, dtype.
+    For ``upsample`` the kernel's spatial shape equals the strides."""
+
+    operation: str
+    input_shape: tuple[int, ...]
+    kernel_shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    dtype: str = "float32"
+
+    def key(self, device: str) -> str:
+        shape = lambda s: "x".join(map(str, s))
+        return (f"{device}|{self.operation}|in={shape(self.input_shape)}|kernel={shape(self.kernel_shape)}"
+                f"|strides={shape(self.strides)}|{self.dtype}")
+
+
+def device_id() -> str:
+    """``backend:device kind`` of the default device, e.g. ``cpu:cpu`` or ``gpu:NVIDIA H200``."""
+    device = jax.devices()[0]
+    return f"{backend_name()}:{device.device_kind}"
+
+
+def cache_path() -> Path:
+    """Where autotune timings are kept (see the module docstring)."""
+    if os.environ.get("MEDSEG_JAX_CACHE"):
+        return Path(os.environ["MEDSEG_JAX_CACHE"]) / "autotune.json"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "medseg_jax" / "autotune.json"
+
+
+def load_cache(path: str | os.PathLike) -> dict:
+    """The cached entries at ``path`` (empty when there is no file, or it is from another version or
+    unreadable -- a cache is never worth failing a run over)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
+        return {}
+    entries = data.get("entries")
+    return entries if isinstance(entries, dict) else {}
+
+
+def save_cache(path: str | os.PathLike, entries: dict) -> None:
+    write_json_atomic(path, {"version": CACHE_VERSION, "entries": entries})
+
+
+def default_candidates(operation: str) -> list[str]:
+    """Every registered implementation, less Pallas where it would run interpreted (orders of
+    magnitude slower: timing it on CPU is a waste)."""
+    names = sorted(implementations(operation))
+    return [n for n in names if not (n == "pallas" and use_interpret())]
+
+
+def case_function(case: OpCase, implementation: str):
+    """``f(x, kernel, bias, cotangent) -> (y, dx, dkernel)`` for ``case``, jitted."""
+    fn = implementations(case.operation)[implementation]
+
+    def forward_backward(x, kernel, bias, cotangent):
+        y, vjp = jax.vjp(lambda x, k: fn(x, k, bias, case.strides), x, kernel)
+        return (y, *vjp(cotangent))
+
+    return jax.jit(forward_backward)
+
+
+def case_arguments(case: OpCase, key=None):
+    """Random ``(x, kernel, bias, cotangent)`` with the case's shapes and dtype."""
+    dtype = jnp.dtype(case.dtype)
+    keys = jax.random.split(jax.random.key(0) if key is None else key, 3)
+    x = jax.random.normal(keys[0], case.input_shape, dtype)
+    kernel = (jax.random.normal(keys[1], case.kernel_shape, jnp.float32) * 0.05).astype(dtype)
+    bias = jnp.zeros(case.kernel_shape[-1], dtype)
+    reference = implementations(case.operation)["xla" if case.operation == "conv" else "matmul"]
+    y = jax.eval_shape(lambda x, k, b: reference(x, k, b, case.strides), x, kernel, bias)
+    cotangent = jax.random.normal(keys[2], y.shape, dtype)
+    return x, kernel, bias, cotangent
+
+
+def time_case(case: OpCase, candidates: Sequence[str], runs: int = 3) -> dict[str, float]:
+    """Median seconds of one forward + backward per implementation, timed round-robin."""
+    args = case_arguments(case)
+    functions = {name: case_function(case, name) for name in candidates}
+    for fn in functions.values():  # compile + warm up
+        jax.block_until_ready(fn(*args))
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(max(1, runs)):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def autotune_case(case: OpCase, candidates: Sequence[str] | None = None, *, cache: str | os.PathLike | None = None,
+                  runs: int = 3, refresh: bool = False) -> tuple[str, dict[str, float]]:
+    """The fastest of ``candidates`` for ``case`` and the seconds of each (cached timings are reused
+    unless ``refresh``; new timings are merged into the cache file)."""
+    candidates = list(candidates or default_candidates(case.operation))
+    for name in candidates:
+        resolve(case.operation, name)  # a clear error for an unknown name
+    path = Path(cache) if cache is not None else cache_path()
+    entries = load_cache(path)
+    key = case.key(device_id())
+    seconds = {} if refresh else dict(entries.get(key, {}).get("seconds", {}))
+    missing = [name for name in candidates if name not in seconds]
+    if missing:
+        seconds.update(time_case(case, missing, runs))
+        entries = load_cache(path)  # another process may have written meanwhile: merge, do not clobber
+        entries[key] = {"seconds": seconds, "jax": jax.__version__}
+        save_cache(path, entries)
+    timed = {name: seconds[name] for name in candidates}
+    return min(timed, key=timed.get), timed
+
+
+def layer_cases(model, input_shape: Sequence[int], dtype: str = "float32") -> list[OpCase]:
+    """Every conv and upsampling call the model makes on an input of ``input_shape`` (one entry per
+    call, so repeated shapes count once per layer). Found by intercepting module calls during an
+    abstract ``init``: nothing is computed."""
+    from flax import linen as nn
+
+    from medseg_jax.models.blocks import Conv, Upsample
+
+    found: list[OpCase] = []
+
+    def record(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name == "__call__" and isinstance(module, (Conv, Upsample)):
+            x_shape = tuple(args[0].shape)
+            if isinstance(module, Conv):
+                found.append(OpCase("conv", x_shape, (*module.kernel_size, x_shape[-1], module.features),
+                                    tuple(module.strides), dtype))
+            else:
+                found.append(OpCase("upsample", x_shape, (*module.strides, x_shape[-1], module.features),
+                                    tuple(module.strides), dtype))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
+    return found
+
+
+def autotune_model(model, input_shape: Sequence[int], *, candidates: dict[str, Sequence[str]] | None = None,
+                   cache: str | os.PathLike | None = None, runs: int = 3, refresh: bool = False):
+    """``model`` (a :class:`medseg_jax.models.UNet`) with ``conv_implementation`` and
+    ``upsample_implementation`` set to the candidates with the least total time over the model's own
+    layers at ``input_shape`` (forward + backward, see :func:`time_case`), and a report
+    ``{operation: {"chosen": name, "total_seconds": {name: s}, "cases": n}}``.
+
+    Only operations whose model field is ``"auto"`` are tuned; explicit choices are kept.
+    """
+    dtype = jnp.dtype(model.dtype).name
+    fields = {"conv": "conv_implementation", "upsample": "upsample_implementation"}
+    report, changes = {}, {}
+    cases = layer_cases(model, input_shape, dtype)
+    for operation, field_name in fields.items():
+        if getattr(model, field_name) != "auto":
+            continue
+        names = list((candidates or {}).get(operation) or default_candidates(operation))
+        totals = dict.fromkeys(names, 0.0)
+        op_cases = [c for c in cases if c.operation == operation]
+        for case, count in collections.Counter(op_cases).items():  # each distinct shape timed once
+            _, seconds = autotune_case(case, names, cache=cache, runs=runs, refresh=refresh)
+            for name in names:
+                totals[name] += count * seconds[name]
+        chosen = min(totals, key=totals.get) if op_cases else resolve(operation, "auto")
+        changes[field_name] = chosen
+        report[operation] = {"chosen": chosen, "total_seconds": totals, "cases": len(op_cases)}
+    return model.clone(**changes), report

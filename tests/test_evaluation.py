@@ -1,0 +1,149 @@
+"""Folder-versus-folder evaluation on tiny NIfTI files."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from medseg_jax.data.io import Volume, write_nifti
+from medseg_jax.errors import ConfigError, DataError
+from medseg_jax.evaluation import (
+    COLUMNS,
+    evaluate_folders,
+    format_table,
+    read_labels,
+    write_evaluation,
+)
+from medseg_jax.metrics import segmentation_metrics
+
+SPACING = (0.8, 1.2, 2.5)
+AFFINE = np.diag([*SPACING, 1.0])
+LABELS = {"background": 0, "liver": 1, "tumour": 2}
+
+
+def make_case(rng, shape=(16, 12, 8)):
+    reference = np.zeros(shape, np.uint8)
+    start = rng.integers(1, 4, size=3)
+    reference[start[0]:start[0] + 8, start[1]:start[1] + 6, start[2]:start[2] + 4] = 1
+    reference[start[0] + 2:start[0] + 4, start[1] + 2:start[1] + 4, start[2] + 1:start[2] + 3] = 2
+    prediction = np.roll(reference, int(rng.integers(0, 2)), axis=0)
+    return prediction, reference
+
+
+@pytest.fixture()
+def folders(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for case in ("case_a", "case_b", "case_c"):
+        prediction, reference = make_case(rng)
+        if case == "case_c":
+            prediction[prediction == 2] = 1  # tumour missed: Dice 0, HD95 inf
+        arrays[case] = (prediction, reference)
+        write_nifti(Volume(prediction, AFFINE), tmp_path / "pred" / f"{case}.nii.gz")
+        write_nifti(Volume(reference, AFFINE), tmp_path / "ref" / f"{case}.nii.gz")
+    return tmp_path / "pred", tmp_path / "ref", arrays
+
+
+def test_round_trip_matches_the_array_metrics(folders, tmp_path):
+    pred_dir, ref_dir, arrays = folders
+    rows, summary = evaluate_folders(pred_dir, ref_dir, LABELS, nsd_tolerance_mm=2.0, progress=False)
+    assert [(r["case"], r["class"]) for r in rows] == [(c, n) for c in sorted(arrays) for n in ("liver", "tumour")]
+    for row in rows:
+        prediction, reference = arrays[row["case"]]
+        want = segmentation_metrics(prediction, reference, SPACING, [row["label"]], nsd_tolerance_mm=2.0)[row["label"]]
+        # the affine is stored as float32: spacing (and volumes) agree to float32 precision
+        np.testing.assert_allclose([row[k] for k in want], list(want.values()), rtol=1e-6)
+    tumour = summary["classes"]["tumour"]
+    assert tumour["dice"]["count"] == 3 and tumour["hd95"]["count_inf"] == 1 and tumour["hd95"]["mean"] == math.inf
+    dice = [r["dice"] for r in rows if r["class"] == "liver"]
+    assert summary["classes"]["liver"]["dice"]["mean"] == pytest.approx(np.mean(dice))
+    assert summary["classes"]["liver"]["dice"]["std"] == pytest.approx(np.std(dice))
+    assert summary["conventions"]["empty"] == "nnunet" and summary["conventions"]["volume_unit"] == "mL"
+
+    paths = write_evaluation(tmp_path / "eval", rows, summary)
+    with open(paths["metrics"], newline="") as f:
+        written = list(csv.DictReader(f))
+    assert tuple(written[0]) == COLUMNS and len(written) == len(rows)
+    assert float(written[1]["dice"]) == pytest.approx(rows[1]["dice"])
+    stored = json.loads(paths["summary"].read_text())  # strict JSON: inf as a string
+    assert stored["classes"]["tumour"]["hd95"]["mean"] == "inf"
+    assert stored["classes"]["tumour"]["hd95"]["std"] is None
+    table = format_table(summary)
+    assert "liver" in table and "tumour" in table and "nnunet" in table
+
+
+def test_labels_default_to_values_in_the_references(folders):
+    pred_dir, ref_dir, arrays = folders
+    prediction, reference = arrays["case_a"]
+    reference = np.where(reference == 2, 1, reference).astype(np.uint8)  # no tumour in this reference
+    prediction = prediction.copy()
+    prediction[0, 0, 0] = 5  # a value no reference has
+    write_nifti(Volume(reference, AFFINE), ref_dir / "case_a.nii.gz")
+    write_nifti(Volume(prediction, AFFINE), pred_dir / "case_a.nii.gz")
+    rows, summary = evaluate_folders(pred_dir, ref_dir, progress=False)
+    assert sorted(summary["classes"]) == ["1", "2"]
+    tumour_a = next(r for r in rows if r["case"] == "case_a" and r["label"] == 2)
+    assert tumour_a["dice"] == 0.0 and tumour_a["fn"] == 0 and tumour_a["fp"] > 0  # predicted, not in reference
+    monai_rows, _ = evaluate_folders(pred_dir, ref_dir, empty="monai", progress=False)
+    assert math.isnan(next(r for r in monai_rows if r["case"] == "case_a" and r["label"] == 2)["dice"])
+
+
+def test_worker_pool_gives_the_same_rows(folders):
+    pred_dir, ref_dir, _ = folders
+    serial, _ = evaluate_folders(pred_dir, ref_dir, LABELS, progress=False)
+    pooled, _ = evaluate_folders(pred_dir, ref_dir, LABELS, num_workers=2, progress=False)
+    np.testing.assert_equal(pooled, serial)
+
+
+def test_missing_predictions_are_listed(folders, tmp_path):
+    pred_dir, ref_dir, _ = folders
+    (pred_dir / "case_a.nii.gz").unlink()
+    (pred_dir / "case_c.nii.gz").unlink()
+    with pytest.raises(DataError, match="2 reference case.*case_a, case_c"):
+        evaluate_folders(pred_dir, ref_dir, LABELS, progress=False)
+
+
+def test_geometry_mismatch_names_the_case(folders, tmp_path):
+    pred_dir, ref_dir, arrays = folders
+    prediction, _ = arrays["case_b"]
+    write_nifti(Volume(prediction, np.diag([0.8, 1.2, 3.0, 1.0])), pred_dir / "case_b.nii.gz")
+    write_nifti(Volume(prediction[:, :, :6], AFFINE), pred_dir / "case_c.nii.gz")
+    with pytest.raises(DataError) as error:
+        evaluate_folders(pred_dir, ref_dir, LABELS, progress=False)
+    message = str(error.value)
+    assert "case case_b: prediction affine" in message and "case case_c: prediction shape" in message
+    assert "case_a" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pred", "ref"]  # nothing written
+
+
+def test_single_slice_files_are_evaluated_as_2d(tmp_path):
+    reference = np.zeros((10, 10, 1), np.uint8)
+    reference[2:6, 3:8, 0] = 1
+    write_nifti(Volume(reference, AFFINE), tmp_path / "ref" / "x.nii.gz")
+    write_nifti(Volume(reference, AFFINE), tmp_path / "pred" / "x.nii")
+    rows, summary = evaluate_folders(tmp_path / "pred", tmp_path / "ref", {"a": 1}, progress=False)
+    assert rows[0]["volume_ref"] == pytest.approx(20 * 0.8 * 1.2) and summary["conventions"]["volume_unit"] == "mm^2"
+    assert (rows[0]["dice"], rows[0]["hd95"], rows[0]["nsd"]) == (1.0, 0.0, 1.0)
+
+
+def test_read_labels_both_layouts_and_errors(tmp_path):
+    nnunet, msd, bad = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    nnunet.write_text(json.dumps({"labels": LABELS}))
+    msd.write_text(json.dumps({"labels": {"0": "background", "1": "liver", "2": "tumour"}}))
+    bad.write_text(json.dumps({"labels": {"background": 0, "both": [1, 2]}}))
+    assert read_labels(nnunet) == read_labels(msd) == {"liver": 1, "tumour": 2}
+    with pytest.raises(ConfigError, match="c.json"):
+        read_labels(bad)
+
+
+def test_bad_settings_fail_before_reading_files(tmp_path):
+    with pytest.raises(ConfigError, match="surface"):
+        evaluate_folders(tmp_path / "nowhere", tmp_path / "nowhere", surface="mesh", progress=False)
+    with pytest.raises(ConfigError, match="tolerance"):
+        evaluate_folders(tmp_path / "nowhere", tmp_path / "nowhere", nsd_tolerance_mm=-1.0, progress=False)
+    with pytest.raises(ConfigError, match="share a value"):
+        evaluate_folders(tmp_path / "nowhere", tmp_path / "nowhere", {"a": 1, "b": 1}, progress=False)
+    with pytest.raises(DataError, match="nowhere: folder not found"):
+        evaluate_folders(tmp_path / "nowhere", tmp_path / "nowhere", progress=False)
