@@ -11,7 +11,8 @@ A. at ``--patch`` (default nnU-Net's typical 3D patch 128^3, batch 2), input cro
      its own crop and sending the augmented patch back (as a loader's workers do), per batch.
 B. at ``--step-patch`` (default: ``--patch``): the train step of the nnU-Net-default U-Net for that
    patch (``ModelConfig`` defaults, SGD) without augmentation on patch-sized batches and with device
-   augmentation on crop-sized batches, and the device augmentation alone at that patch. The figure
+   augmentation on crop-sized batches (timed alternately), and the device augmentation alone at that
+   patch. The figure
    for CPU-only machines is ``augment / step``; on a GPU, ``step with`` versus ``step without``.
 
 Every figure is the median of ``--repeats`` timed runs after a warm-up (compilation excluded and
@@ -115,11 +116,17 @@ def bench_cpu_pool(patch, batch, channels, workers, batches, repeats):
                 times_s=[t / batches for t in times])
 
 
-def bench_train_step(patch, batch, channels, repeats, with_augment):
+def prepare_train_step(patch, batch, channels, with_augment):
+    """A jitted nnU-Net-default train step on a fixed batch: patch-sized without augmentation,
+    crop-sized with device augmentation. Returns ``run()`` (one step, blocking) and facts about it."""
     import jax
     import jax.numpy as jnp
 
-    from medseg_jax.augment import AugmentConfig, loader_crop_size, train_step_augmentation
+    from medseg_jax.augment import (
+        AugmentConfig,
+        loader_crop_size,
+        train_step_augmentation,
+    )
     from medseg_jax.config import ModelConfig, TrainConfig
     from medseg_jax.models.factory import build_unet
     from medseg_jax.train import create_train_state, make_optimizer, make_train_step
@@ -143,10 +150,23 @@ def bench_train_step(patch, batch, channels, repeats, with_augment):
         jax.block_until_ready(metrics["loss"])
 
     start = time.perf_counter()
-    run()
-    compile_s = time.perf_counter() - start
-    median, times = timed(run, repeats)
-    return dict(input=shape, compile_s=compile_s, median_s=median, times_s=times)
+    run()  # compiles
+    return run, dict(input=shape, compile_s=time.perf_counter() - start)
+
+
+def bench_train_steps(patch, batch, channels, repeats):
+    """Steps without and with augmentation, timed alternately (one of each per round) so that a change
+    of load on a shared machine hits both alike."""
+    members = {name: prepare_train_step(patch, batch, channels, name == "step_with")
+               for name in ("step_without", "step_with")}
+    times = {name: [] for name in members}
+    for _ in range(repeats):
+        for name, (run, _) in members.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: dict(info, median_s=statistics.median(times[name]), times_s=times[name])
+            for name, (_, info) in members.items()}
 
 
 def machine_description():
@@ -171,7 +191,7 @@ def main(argv=None):
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="CPU augmentation worker processes")
     parser.add_argument("--cpu-batches", type=int, default=4, help="batches per timed run of the worker pool")
-    parser.add_argument("--cpu-samples", type=int, default=12, help="samples timed one by one in this process")
+    parser.add_argument("--cpu-samples", type=int, default=24, help="samples timed one by one in this process")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median reported)")
     parser.add_argument("--small", action="store_true", help="quick run: patch 64^3, step patch 32^3")
     parser.add_argument("--skip-step", action="store_true", help="skip part B (train steps)")
@@ -184,6 +204,7 @@ def main(argv=None):
 
     result = dict(command="python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
                   machine=machine_description(), patch=patch, batch=args.batch, channels=args.channels)
+    print(f"part A at {patch}: CPU pool, one process, device", file=sys.stderr, flush=True)
     result["cpu_pool"] = bench_cpu_pool(patch, args.batch, args.channels, args.workers, args.cpu_batches, args.repeats)
     result["cpu_sample"] = bench_cpu_sample(patch, args.channels, args.cpu_samples)
     result["device"] = bench_device_augment(patch, args.batch, args.channels, args.repeats)
@@ -194,9 +215,9 @@ def main(argv=None):
     )
     if not args.skip_step:
         result["step_patch"] = step_patch
+        print(f"part B at {step_patch}: device augmentation, train steps", file=sys.stderr, flush=True)
         result["device_at_step_patch"] = bench_device_augment(step_patch, args.batch, args.channels, args.repeats)
-        result["step_without"] = bench_train_step(step_patch, args.batch, args.channels, args.repeats, False)
-        result["step_with"] = bench_train_step(step_patch, args.batch, args.channels, args.repeats, True)
+        result.update(bench_train_steps(step_patch, args.batch, args.channels, args.repeats))
         without = result["step_without"]["median_s"]
         result["ratios"].update(
             augment_over_step=result["device_at_step_patch"]["median_s"] / without,

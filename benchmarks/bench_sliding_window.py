@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import platform
 import statistics
@@ -40,9 +39,9 @@ def machine_description() -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return dict(cpu=cpu, cores=os.cpu_count(), device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
-                python=platform.python_version(), jax=jax.__version__, numpy=np.__version__,
-                load_average=[round(x, 2) for x in os.getloadavg()])
+    return {"cpu": cpu, "cores": os.cpu_count(), "device": str(jax.devices()[0].device_kind),
+            "backend": jax.default_backend(), "python": platform.python_version(), "jax": jax.__version__,
+            "numpy": np.__version__, "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
 def loop_baseline(apply, params, image, patch, mirror: bool) -> np.ndarray:
@@ -53,7 +52,8 @@ def loop_baseline(apply, params, image, patch, mirror: bool) -> np.ndarray:
     spatial = image.shape[:-1]
     pad = [(max(p - s, 0) // 2, max(p - s, 0) - max(p - s, 0) // 2) for s, p in zip(spatial, patch)]
     padded = np.pad(image, pad + [(0, 0)])
-    combos = [c for r in range(len(patch) + 1) for c in itertools.combinations(range(len(patch)), r)] if mirror else [()]
+    axes = range(len(patch)) if mirror else ()
+    combos = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
     acc, total = None, np.zeros(padded.shape[:-1], np.float32)
     for start in itertools.product(*compute_window_starts(padded.shape[:-1], patch)):
         region = tuple(slice(s, s + p) for s, p in zip(start, patch))
@@ -83,7 +83,7 @@ def measure(run, repeats: int) -> dict:
         run()
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    return dict(first_s=first, compile_s=max(first - median, 0.0), median_s=median, times_s=times), result
+    return {"first_s": first, "compile_s": max(first - median, 0.0), "median_s": median, "times_s": times}, result
 
 
 def main(argv=None):
@@ -122,7 +122,7 @@ def main(argv=None):
     rows, outputs = [], {}
     for tta in ([False] if args.no_tta else [False, True]):
         for mode in args.modes:
-            figures, logits = measure(lambda: runners[mode](tta), args.repeats)
+            figures, logits = measure(lambda mode=mode, tta=tta: runners[mode](tta), args.repeats)
             outputs[mode, tta] = logits
             rows.append(dict(mode=mode, tta=tta, voxels_per_s=voxels / figures["median_s"], **figures))
     for row in rows:
@@ -133,8 +133,9 @@ def main(argv=None):
                                        else float(np.abs(outputs[row["mode"], row["tta"]] - reference).max()))
 
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    result = dict(command=command, machine=machine_description(), shape=shape, patch=patch, features=args.features,
-                  batch=args.batch, classes=args.classes, repeats=args.repeats, rows=rows)
+    result = {"command": command, "machine": machine_description(), "shape": shape, "patch": patch,
+              "features": args.features, "batch": args.batch, "classes": args.classes, "repeats": args.repeats,
+              "rows": rows}
     print(f"sliding window, scan {shape}, patch {patch}, U-Net features {args.features}, batch {args.batch}")
     print("| mode | TTA | voxels/s | median s | compile s | speed-up vs loop |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")

@@ -59,8 +59,8 @@ def nnunet_strides(dims: int, stages: int) -> tuple[tuple[int, ...], ...]:
 # min(32 * 2^i, 512 (2D) / 320 (3D)). "smoke" keeps the structure at toy sizes for CI.
 PRESETS: dict[str, dict[int, Topology]] = {
     "smoke": {
-        2: Topology((32, 32), 2, (4, 8, 8), nnunet_strides(2, 3)),
-        3: Topology((16, 16, 16), 1, (4, 8, 8), nnunet_strides(3, 3)),
+        2: Topology((16, 16), 2, (4, 8), nnunet_strides(2, 2)),
+        3: Topology((8, 8, 8), 1, (4, 8), nnunet_strides(3, 2)),
     },
     "nnunet": {
         2: Topology((256, 256), 2, (32, 64, 128, 256, 512, 512, 512), nnunet_strides(2, 7)),
@@ -75,6 +75,16 @@ NETWORK_VARIANTS: dict[str, tuple[str, str]] = {
     "plain flax (xla conv + conv_transpose)": ("xla", "conv_transpose"),
 }
 NETWORK_BASELINE = "plain flax (xla conv + conv_transpose)"
+ALTERNATIVE_3D_VARIANT = {"depth_stack conv + matmul upsample": ("depth_stack", "matmul")}
+
+
+def network_variants(dims: int) -> dict[str, tuple[str, str]]:
+    """The variants worth timing: the depth_* convs equal xla below 3 spatial axes."""
+    return {**NETWORK_VARIANTS, **(ALTERNATIVE_3D_VARIANT if dims == 3 else {})}
+
+
+def conv_candidates(dims: int) -> list[str]:
+    return default_candidates("conv") if dims >= 3 else ["xla"]
 
 
 @dataclasses.dataclass
@@ -138,6 +148,8 @@ def op_group(case: OpCase, backward: bool) -> Group:
     """Every implementation of ``case``'s operation on the same arguments, forward or forward + backward."""
     # Pallas runs interpreted on CPU: timed there only at toy sizes, to keep its path exercised.
     names = [n for n in sorted(implementations(case.operation)) if n in default_candidates(case.operation) or _tiny(case)]
+    if case.operation == "conv":
+        names = conv_candidates(len(case.strides))
     baseline = "xla" if case.operation == "conv" else "conv_transpose"
 
     def member(name):
@@ -188,7 +200,7 @@ def conv_block_group(topology: Topology, dtype: str) -> Group:
 
     case = OpCase("conv", shape, (3,) * d + (f[0], f[0]), (1,) * d, dtype)
     return Group("conv block fwd+bwd", "conv_block", d, dtype, describe(shape, case.kernel_shape), "xla",
-                 {n: member(n) for n in default_candidates("conv")}, conv_flops(case) * 3)
+                 {n: member(n) for n in conv_candidates(d)}, conv_flops(case) * 3)
 
 
 def resolved_variant(variant: tuple[str, str]) -> str:
@@ -213,32 +225,41 @@ def forward_group(topology: Topology, dtype: str) -> Group:
 
     return Group("U-Net forward", "unet_forward", topology.dims, dtype,
                  describe(topology.input_shape()) + f" stages={len(topology.features)}", NETWORK_BASELINE,
-                 {name: member(v) for name, v in NETWORK_VARIANTS.items()}, network_flops(topology))
+                 {name: member(v) for name, v in network_variants(topology.dims).items()}, network_flops(topology))
 
 
-def train_step_parts(topology: Topology, dtype: str, variant: tuple[str, str]):
-    """``(step, state, batch)``: the library's pure train step with nnU-Net's optimiser (SGD Nesterov
-    0.99, lr 1e-2, weight decay 3e-5, gradient clip 12) and Dice + CE deep-supervision loss."""
-    from medseg_jax.config import LossConfig, TrainConfig
+def train_setup(topology: Topology, dtype: str):
+    """``(optimizer, state, batch)`` shared by every variant (the parameter tree does not depend on the
+    implementations): nnU-Net's optimiser (SGD Nesterov 0.99, lr 1e-2, weight decay 3e-5, gradient
+    clip 12) and a random batch."""
+    from medseg_jax.config import TrainConfig
     from medseg_jax.train.optim import make_optimizer
     from medseg_jax.train.state import create_train_state
-    from medseg_jax.train.step import make_train_step
 
-    model = topology.unet(dtype, *variant)
+    model = topology.unet(dtype)
     optimizer = make_optimizer(TrainConfig(steps=1000))
     batch = random_batch(topology, dtype)
     state = jax.jit(lambda key, x: create_train_state(model, optimizer, key, x))(jax.random.key(0), batch["image"])
-    return make_train_step(model, optimizer, LossConfig()), state, batch
+    return optimizer, state, batch
 
 
 def train_step_group(topology: Topology, dtype: str, torch_member: Callable[[], Prepared] | None) -> Group:
+    """The library's pure train step (Dice + CE deep-supervision loss) per network variant."""
+    from medseg_jax.config import LossConfig
+    from medseg_jax.train.step import make_train_step
+
+    setup = []  # built on first use, then shared
+
     def member(variant):
         def prepare():
-            step, state, batch = train_step_parts(topology, dtype, variant)
+            if not setup:
+                setup.extend(train_setup(topology, dtype))
+            optimizer, state, batch = setup
+            step = make_train_step(topology.unet(dtype, *variant), optimizer, LossConfig())
             return prepare_jax(step, state, batch)
         return prepare
 
-    members = {name: member(v) for name, v in NETWORK_VARIANTS.items()}
+    members = {name: member(v) for name, v in network_variants(topology.dims).items()}
     if torch_member is not None:
         members["pytorch nnU-Net PlainConvUNet"] = torch_member
     return Group("train step", "train_step", topology.dims, dtype,
@@ -268,7 +289,7 @@ def sliding_window_group(topology: Topology, dtype: str) -> Group | None:
 
     return Group("sliding window", "sliding_window", topology.dims, dtype, describe(image_shape) +
                  f" patch={'x'.join(map(str, topology.patch))}", NETWORK_BASELINE,
-                 {name: member(v) for name, v in NETWORK_VARIANTS.items()})
+                 {name: member(v) for name, v in network_variants(topology.dims).items()})
 
 
 def layer_profile(topology: Topology, dtype: str, variant: tuple[str, str], runs: int) -> list[dict]:
@@ -282,6 +303,8 @@ def layer_profile(topology: Topology, dtype: str, variant: tuple[str, str], runs
     rows = []
     for case, count in collections.Counter(layer_cases(model, topology.input_shape(), dtype)).items():
         name = resolve(case.operation, variant[0] if case.operation == "conv" else variant[1])
+        if case.operation == "conv" and topology.dims < 3:
+            name = "xla"  # what every conv implementation runs below 3 spatial axes
         seconds = time_case(case, [name], runs)[name]
         rows.append({"operation": case.operation, "implementation": name, "count": count,
                      "shape": describe(case.input_shape, case.kernel_shape, case.strides),

@@ -57,8 +57,11 @@ def deep_supervision_loss(outputs, label, num_classes: int):
     import torch
     import torch.nn.functional as F
 
+    if not isinstance(outputs, (list, tuple)):
+        outputs = [outputs]
     weights = [1 / 2**i for i in range(len(outputs))]
-    weights[-1] = 0.0
+    if len(weights) > 1:  # a single output keeps weight 1
+        weights[-1] = 0.0
     total_weight = sum(weights)
     loss = 0.0
     for weight, logits in zip(weights, outputs):

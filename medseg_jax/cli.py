@@ -5,7 +5,6 @@ and exit status 2. Heavy modules are imported inside the handlers so ``--help`` 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -100,6 +99,31 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    import dataclasses
+
+    from medseg_jax.inference.predict import predict_input
+    from medseg_jax.train.run import load_run
+
+    model, params, plan, config = load_run(args.model, args.checkpoint)
+    inference = config.inference
+    changes = {k: v for k, v in dict(step_size=args.step, batch_size=args.batch_size).items() if v is not None}
+    if args.no_mirror:
+        changes["mirror_axes"] = ()
+    elif args.mirror_axes is not None:
+        changes["mirror_axes"] = tuple(args.mirror_axes)
+    inference = dataclasses.replace(inference, **changes)
+    summaries = predict_input(args.input, args.output, model, params, plan, inference,
+                              save_probabilities=args.save_probabilities, skip_existing=args.skip_existing,
+                              progress=not args.quiet, largest_component=args.largest_component,
+                              accumulate="host" if args.memory_bounded else "device")
+    for summary in summaries:
+        volumes = ", ".join(f"{name} {ml:.1f} mL" for name, ml in summary.get("volume_ml", {}).items())
+        print(f"{summary.get('case', '?')}: {summary.get('seconds', 0):.1f} s; {volumes}")
+    print(f"predicted {len(summaries)} case(s) -> {args.output}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from medseg_jax.evaluation import evaluate_folders, format_table, read_labels, write_evaluation
 
@@ -119,8 +143,12 @@ def cmd_demo(args) -> int:
 
     summary = run_demo(args.out, cases=args.cases, steps=args.steps, dim=args.dim, seed=args.seed,
                        config_path=args.config, overrides=args.overrides, progress=not args.quiet, log=print)
-    print(json.dumps(summary["metrics"], indent=2))
-    print(f"report: {summary['report_dir']}")
+    for name, values in summary["metrics"].items():
+        print(f"{name}: " + ", ".join(f"{metric} {value:.3f}" for metric, value in values.items()))
+    det = summary["tumour_detection"]
+    print(f"tumours found: {det['detected']}/{det['reference_lesions']}, false positives {det['false_positives']}; "
+          f"{summary['seconds']['total']:.0f} s in total")
+    print(f"report: {summary['report_dir']}/README.md")
     return 0
 
 
@@ -175,6 +203,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_args(p)
     p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("predict", help="segment NIfTI files or a DICOM series with a trained run")
+    p.add_argument("--model", type=Path, required=True, help="training run folder (from `medseg-jax train`)")
+    p.add_argument("-i", "--input", type=Path, required=True,
+                   help="a NIfTI file, a folder of NIfTI files ({case}_{XXXX}.nii.gz) or a DICOM series folder")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output .nii.gz (one case) or folder")
+    p.add_argument("--checkpoint", choices=("latest", "best"), default="latest", help="which checkpoint to use")
+    p.add_argument("--step", type=float, default=None, help="sliding-window step as a fraction of the patch")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
+    p.add_argument("--mirror-axes", type=int, nargs="+", default=None, help="axes mirrored at test time")
+    p.add_argument("--no-mirror", action="store_true", help="no mirroring test-time augmentation")
+    p.add_argument("--save-probabilities", action="store_true", help="also write {case}.npz class probabilities")
+    p.add_argument("--largest-component", action="store_true", help="keep the largest component of each class")
+    p.add_argument("--memory-bounded", action="store_true", help="accumulate windows on the host (large scans)")
+    p.add_argument("--skip-existing", action="store_true", help="skip cases whose output exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_predict)
 
     p = sub.add_parser("evaluate", help="Dice, IoU, HD95, ASSD, NSD and volumes of predictions against references")
     p.add_argument("--pred", type=Path, required=True, help="folder of predicted label maps (NIfTI)")

@@ -110,6 +110,39 @@ class DistributedConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """nnU-Net v2's augmentation (see :mod:`medseg_jax.augment`): each probability is per sample; ranges
+    marked "(nnU-Net BGContrast)" draw below and above 1 with equal probability."""
+
+    mode: Literal["device", "cpu", "none"] = field("device", "where augmentation runs: inside the jitted step (device), in the loader (cpu), or not at all (none)")
+    rotation_probability: float = field(0.2, "probability of a random rotation")
+    rotation_degrees: Optional[float] = field(None, "largest rotation per axis plane in degrees; null = nnU-Net's 180 in 2D, 30 in 3D")
+    scale_probability: float = field(0.2, "probability of random scaling (one factor for all axes)")
+    scale_range: tuple[float, float] = field((0.7, 1.4), "range of the factor on sampling coordinates (> 1 shows more context: structures look smaller)")
+    elastic_probability: float = field(0.0, "probability of an elastic deformation (off in nnU-Net v2)")
+    elastic_control_spacing: int = field(16, "voxels between the control points of the elastic B-spline")
+    elastic_magnitude: tuple[float, float] = field((0.0, 4.0), "range of the largest control-point displacement in voxels")
+    mirror_probability: float = field(0.5, "probability of mirroring, drawn per axis")
+    mirror_axes: Optional[tuple[int, ...]] = field(None, "spatial axes that may be mirrored; null = all")
+    label_interpolation: Literal["nearest", "linear"] = field("nearest", "labels: nearest neighbour, or linear on the one-hot encoding then argmax")
+    noise_probability: float = field(0.1, "probability of additive Gaussian noise")
+    noise_std: tuple[float, float] = field((0.0, 0.1), "range of the noise standard deviation (nnU-Net names it variance but uses it as the std)")
+    blur_probability: float = field(0.2, "probability of Gaussian blur")
+    blur_channel_probability: float = field(0.5, "probability that a channel is blurred when blur is applied")
+    blur_sigma: tuple[float, float] = field((0.5, 1.0), "range of the blur sigma in voxels, drawn per channel and axis")
+    brightness_probability: float = field(0.15, "probability of a multiplicative brightness change")
+    brightness_range: tuple[float, float] = field((0.75, 1.25), "range of the brightness multiplier per channel (nnU-Net BGContrast)")
+    contrast_probability: float = field(0.15, "probability of a contrast change (range preserved)")
+    contrast_range: tuple[float, float] = field((0.75, 1.25), "range of the contrast factor per channel (nnU-Net BGContrast)")
+    low_resolution_probability: float = field(0.25, "probability of simulated low resolution")
+    low_resolution_channel_probability: float = field(0.5, "probability that a channel is degraded when low resolution is applied")
+    low_resolution_zoom: tuple[float, float] = field((0.5, 1.0), "range of the downsampling factor per channel")
+    gamma_inverted_probability: float = field(0.1, "probability of a gamma change of the inverted image")
+    gamma_probability: float = field(0.3, "probability of a gamma change (applied after the inverted one)")
+    gamma_range: tuple[float, float] = field((0.7, 1.5), "range of gamma per channel (nnU-Net BGContrast)")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(ModelConfig(), "network")
     data: DataConfig = field(DataConfig(), "patches and batches")
@@ -117,6 +150,7 @@ class RunConfig:
     inference: InferenceConfig = field(InferenceConfig(), "sliding-window prediction")
     mesh: MeshConfig = field(MeshConfig(), "device mesh")
     distributed: DistributedConfig = field(DistributedConfig(), "multi-host initialisation")
+    augment: AugmentConfig = field(AugmentConfig(), "data augmentation (on the device by default)")
 
 
 # Fields left as nested dataclasses are replaced whole-or-by-key; fields annotated with plain types are

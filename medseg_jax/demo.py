@@ -1,15 +1,22 @@
 """``medseg-jax demo``: the whole library on synthetic CT, end to end, in minutes on a CPU.
 
-Stages: synthesise an nnU-Net-layout liver/tumour dataset -> fingerprint and plan -> preprocess into
-a zarr store -> train a U-Net on fold 0's training cases with the patch loader -> predict the held-out
-cases on the preprocessed grid and map them back to the files' geometry -> Dice / IoU against the
-reference labels -> report (overlay PNGs, training curve, metrics.csv, summary.json, README.md).
+Stages (each is what a user runs by hand; ``report/README.md`` lists the commands):
+
+1. synthesise an nnU-Net-layout liver / tumour CT dataset (``raw/``);
+2. fingerprint, plan and preprocess it into a zarr store (``store/``);
+3. train a U-Net on fold 0's training cases with the sharded loop and Orbax checkpoints (``run/``);
+4. copy fold 0's held-out cases to ``heldout/imagesTs`` and ``heldout/labelsTs`` and predict the images
+   from the NIfTI files with sliding-window inference and mirroring (``predictions/``), exactly as
+   ``medseg-jax predict`` does;
+5. evaluate against the labels (Dice, IoU, HD95, ASSD, NSD, volumes; lesion-level detection of tumours);
+6. write ``report/``: overlay PNGs, the training curve, ``metrics.csv``, ``summary.json``, ``README.md``.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -20,47 +27,37 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
+    """Sizes of the demo; the defaults are chosen to finish in minutes on 2 CPU cores (README)."""
+
     cases: int = 10
     steps: int = 300
     dim: int = 2
     shape: tuple[int, ...] = (64, 64, 32)
 
 
-def pad_to_multiple(array: np.ndarray, multiples, axes) -> tuple[np.ndarray, tuple]:
-    """Zero-pad ``array`` at the end of ``axes`` to multiples; returns the array and the crop back."""
-    pad = [(0, 0)] * array.ndim
-    crop = [slice(None)] * array.ndim
-    for axis, m in zip(axes, multiples):
-        size = array.shape[axis]
-        pad[axis] = (0, (-size) % m)
-        crop[axis] = slice(0, size)
-    return np.pad(array, pad), tuple(crop)
+def copy_heldout(dataset, case_ids, target: Path) -> tuple[Path, Path]:
+    """Hard-link (or copy) the held-out cases into an nnU-Net test layout: ``imagesTs``, ``labelsTs``."""
+    images, labels = target / "imagesTs", target / "labelsTs"
+    for folder in (images, labels):
+        folder.mkdir(parents=True, exist_ok=True)
+    for case in (c for c in dataset.cases if c.case_id in case_ids):
+        for source, destination in [*((p, images / p.name) for p in case.image_paths),
+                                    (case.label_path, labels / case.label_path.name)]:
+            if destination.exists():
+                destination.unlink()
+            try:
+                os.link(source, destination)
+            except OSError:  # another file system: copy
+                shutil.copy2(source, destination)
+    return images, labels
 
 
-def predict_preprocessed(model, params, image: np.ndarray, dim: int, batch_size: int = 8) -> np.ndarray:
-    """Whole-volume (3D) or slice-by-slice along the last axis (2D) prediction of a preprocessed image
-    ``(C, *spatial)``; returns the label map ``(*spatial)``."""
-    import jax
-    import jax.numpy as jnp
-
-    apply = jax.jit(model.apply)
-    channels_last = np.moveaxis(image, 0, -1)  # (*spatial, C)
-    total = model.total_stride()
-    if dim == 3:
-        padded, crop = pad_to_multiple(channels_last, total, axes=(0, 1, 2))
-        logits = np.asarray(apply(params, jnp.asarray(padded[None])))[0]
-        return np.argmax(logits, axis=-1)[crop[:3]].astype(np.uint8)
-    slices = np.moveaxis(channels_last, 2, 0)  # (Z, X, Y, C)
-    padded, crop = pad_to_multiple(slices, total, axes=(1, 2))
-    out = []
-    for start in range(0, padded.shape[0], batch_size):
-        chunk = padded[start:start + batch_size]
-        n = chunk.shape[0]
-        if n < batch_size:  # keep one compiled shape
-            chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), chunk.dtype)])
-        out.append(np.argmax(np.asarray(apply(params, jnp.asarray(chunk))), axis=-1)[:n])
-    labels = np.concatenate(out)[(slice(None), crop[1], crop[2])]
-    return np.moveaxis(labels, 0, 2).astype(np.uint8)
+def tumour_slice(reference_ras: np.ndarray, tumour: int) -> int:
+    """The axial slice with the most tumour (or the most foreground, or the middle one)."""
+    for mask in (reference_ras == tumour, reference_ras > 0):
+        if mask.any():
+            return int(np.argmax(mask.sum(axis=(0, 1))))
+    return reference_ras.shape[2] // 2
 
 
 def run_demo(out_dir, cases=None, steps=None, dim=None, seed=0, config_path=None, overrides=(), progress=True,
@@ -72,14 +69,14 @@ def run_demo(out_dir, cases=None, steps=None, dim=None, seed=0, config_path=None
     from medseg_jax.config import load_config
     from medseg_jax.data.dataset import load_dataset, validate_dataset
     from medseg_jax.data.fingerprint import compute_fingerprint, save_json
-    from medseg_jax.data.io import read_nifti, to_ras
     from medseg_jax.data.plan import make_plan
-    from medseg_jax.data.preprocess import preprocess_dataset, restore_geometry
+    from medseg_jax.data.preprocess import preprocess_dataset
     from medseg_jax.data.store import CaseStore
     from medseg_jax.data.synthetic import write_synthetic_dataset
-    from medseg_jax.metrics import dice_iou_per_class
-    from medseg_jax.report import plot_overlay, plot_training_curve
-    from medseg_jax.train.loop import read_metrics, train
+    from medseg_jax.evaluation import evaluate_folders, format_table, write_evaluation
+    from medseg_jax.inference.predict import predict_input
+    from medseg_jax.train.loop import train
+    from medseg_jax.train.run import load_run
 
     settings = DemoSettings()
     settings = dataclasses.replace(settings, **{k: v for k, v in dict(cases=cases, steps=steps, dim=dim).items()
@@ -89,8 +86,7 @@ def run_demo(out_dir, cases=None, steps=None, dim=None, seed=0, config_path=None
     out = Path(out_dir)
     report_dir = out / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
-    timings = {}
-    started = time.perf_counter()
+    timings, started = {}, time.perf_counter()
 
     def stage(name, t0):
         timings[name] = round(time.perf_counter() - t0, 2)
@@ -103,63 +99,117 @@ def run_demo(out_dir, cases=None, steps=None, dim=None, seed=0, config_path=None
     stage("synthesise", t0)
 
     t0 = time.perf_counter()
-    fingerprint = compute_fingerprint(dataset)
-    plan = make_plan(fingerprint, dim=settings.dim, voxel_budget=config.data.batch_size * np.prod(
-        config.data.patch_size), hu_window=(-175.0, 250.0))
+    patch = config.data.patch_size
+    plan = make_plan(compute_fingerprint(dataset), dim=settings.dim,
+                     voxel_budget=(config.data.batch_size or 2) * float(np.prod(patch)) if patch else None,
+                     hu_window=(-175.0, 250.0))
     save_json(plan, out / "plan.json")
-    stage("plan", t0)
-
-    t0 = time.perf_counter()
     store = CaseStore(out / "store", chunk_shape=(64, 64, 1) if settings.dim == 2 else None)
     preprocess_dataset(dataset, plan, store, progress=progress)
-    stage("preprocess", t0)
+    save_json(plan, out / "store" / "plan.json")
+    stage("plan+preprocess", t0)
 
     t0 = time.perf_counter()
-    save_json(plan, out / "store" / "plan.json")
     result = train(config, out / "store", out / "run", fold=0, progress=progress, log=log)
-    model, state, split = result["model"], result["state"], result["split"]
-    history = read_metrics(out / "run" / "metrics.jsonl")
-    history = [h for h in history if "loss" in h]
-    log(f"[train] {result['step']} steps, final loss {result['final_loss']:.3f}, pseudo-Dice {result['pseudo_dice']}")
     stage("train", t0)
 
     t0 = time.perf_counter()
-    inference_model = model.clone(deep_supervision=False)
-    labels = {int(v): k for k, v in plan["labels"].items()}
-    rows, per_case = [], {}
-    for case_id in split["val"]:
-        image, _ = store.read_case(case_id)
-        properties = store.read_properties(case_id)
-        prediction = predict_preprocessed(inference_model, state.params, image, settings.dim)
-        predicted = restore_geometry(prediction, properties, kind="label")
-        case = next(c for c in dataset.cases if c.case_id == case_id)
-        reference = read_nifti(case.label_path)
-        scores = dice_iou_per_class(predicted.array, reference.array, [k for k in labels if k != 0])
-        per_case[case_id] = scores
-        for k, s in scores.items():
-            rows.append({"case": case_id, "class": labels[k], **{m: s[m] for m in ("dice", "iou", "tp", "fp", "fn")}})
-        ct = to_ras(read_nifti(case.image_paths[0]))
-        ref_ras, pred_ras = to_ras(reference).array, to_ras(predicted).array
-        z = int(np.argmax((ref_ras == 2).sum(axis=(0, 1)))) if (ref_ras == 2).any() else ref_ras.shape[2] // 2
-        s = scores.get(2, {}).get("dice", float("nan"))
-        plot_overlay(ct.array[..., z], ref_ras[..., z], pred_ras[..., z], report_dir / f"overlay_{case_id}.png",
-                     title=f"{case_id} slice {z}: liver Dice {scores[1]['dice']:.3f}, tumour Dice {s:.3f}",
-                     class_names=labels)
-    stage("predict+evaluate", t0)
+    heldout = result["split"]["val"]
+    images_dir, labels_dir = copy_heldout(dataset, heldout, out / "heldout")
+    model, params, plan, run_config = load_run(out / "run")
+    predictions = predict_input(images_dir, out / "predictions", model, params, plan, run_config.inference,
+                                progress=progress)
+    stage("predict", t0)
 
-    plot_training_curve(history, report_dir / "training_curve.png")
-    with open(report_dir / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["case", "class", "dice", "iou", "tp", "fp", "fn"])
-        writer.writeheader()
-        writer.writerows(rows)
-    mean = {labels[k]: float(np.nanmean([per_case[c][k]["dice"] for c in per_case])) for k in labels if k != 0}
+    t0 = time.perf_counter()
+    rows, evaluation = evaluate_folders(out / "predictions", labels_dir, labels=dict(plan["labels"]),
+                                        nsd_tolerance_mm=2.0 * max(plan["target_spacing"][:2]), progress=False)
+    write_evaluation(report_dir, rows, evaluation)
+    lesions = write_pictures(out, report_dir, plan, heldout)
+    stage("evaluate+report", t0)
+
+    classes = evaluation["classes"]
     summary = {
-        "metrics": {"mean_dice": mean, "validation_cases": split["val"]},
-        "settings": dataclasses.asdict(settings) | {"seed": seed},
+        "metrics": {name: {metric: classes[name][metric]["mean"] for metric in ("dice", "hd95", "nsd")}
+                    for name in classes},
+        "tumour_detection": lesions,
+        "heldout_cases": heldout,
+        "settings": dataclasses.asdict(settings) | {"seed": seed, "train_steps_run": result["step"]},
         "final_loss": result["final_loss"],
         "seconds": timings | {"total": round(time.perf_counter() - started, 2)},
         "devices": [str(d) for d in jax.devices()],
+        "predict_seconds_per_case": [p.get("seconds") for p in predictions],
         "report_dir": str(report_dir),
     }
-    write_json_atomic(report_dir / "summary.json", summary)
+    write_json_atomic(report_dir / "summary.json", summary | {"evaluation": evaluation})
+    write_report_readme(report_dir, out, summary, format_table(evaluation))
     return summary
+
+
+def write_pictures(out: Path, report_dir: Path, plan: dict, heldout: list[str]) -> dict:
+    """Overlays of every held-out case and the training curve; returns pooled tumour detection counts."""
+    from medseg_jax.data.io import read_nifti, to_ras
+    from medseg_jax.metrics.lesions import lesion_detection
+    from medseg_jax.report import plot_overlay
+
+    labels = {int(v): k for k, v in plan["labels"].items()}
+    tumour = plan["labels"].get("tumour", max(labels))
+    totals = {"reference_lesions": 0, "detected": 0, "predicted_lesions": 0, "false_positives": 0}
+    for case in heldout:
+        image = to_ras(read_nifti(out / "heldout" / "imagesTs" / f"{case}_0000.nii.gz")).array
+        reference = to_ras(read_nifti(out / "heldout" / "labelsTs" / f"{case}.nii.gz")).array
+        prediction = to_ras(read_nifti(out / "predictions" / f"{case}.nii.gz")).array
+        found = lesion_detection(prediction, reference, tumour)
+        for key in totals:
+            totals[key] += found[key]
+        z = tumour_slice(reference, tumour)
+        plot_overlay(image[..., z], reference[..., z], prediction[..., z], report_dir / f"overlay_{case}.png",
+                     title=f"{case}, axial slice {z}: {found['detected']}/{found['reference_lesions']} tumours found",
+                     class_names=labels)
+    shutil.copy2(out / "run" / "training_curve.png", report_dir / "training_curve.png")
+    ref, pred = totals["reference_lesions"], totals["predicted_lesions"]
+    return totals | {"sensitivity": totals["detected"] / ref if ref else None,
+                     "precision": (pred - totals["false_positives"]) / pred if pred else None}
+
+
+def write_report_readme(report_dir: Path, out: Path, summary: dict, table: str) -> None:
+    from medseg_jax.atomic import write_text_atomic
+
+    s = summary["settings"]
+    dataset = next((out / "raw").iterdir())
+    overlays = "\n".join(f"![{case}](overlay_{case}.png)" for case in summary["heldout_cases"])
+    det = summary["tumour_detection"]
+    text = f"""# medseg-jax demo report
+
+{s['cases']} synthetic CT cases ({'x'.join(map(str, s['shape']))} voxels), {s['dim']}D U-Net, {s['train_steps_run']} training
+steps, seed {s['seed']}; {summary['seconds']['total']:.0f} s in total on {', '.join(summary['devices'])}.
+
+## Held-out cases (fold 0 validation)
+
+```
+{table}
+```
+
+Tumour detection (a reference tumour counts as found when the prediction overlaps it): {det['detected']} of
+{det['reference_lesions']} found, {det['false_positives']} false-positive component(s).
+
+Overlays: CT (window -175..250 HU) with the reference drawn solid and the prediction dashed.
+
+{overlays}
+
+![training curve](training_curve.png)
+
+Files: `metrics.csv` (one row per case and class), `summary.json` (everything above).
+
+## The same, stage by stage
+
+```bash
+medseg-jax synth {out / 'raw'} --cases {s['cases']} --seed {s['seed']} --shape {' '.join(map(str, s['shape']))}
+medseg-jax plan {dataset} --dim {s['dim']} --hu-window -175 250
+medseg-jax preprocess {dataset} --plan {dataset}/plan_{s['dim']}d.json --out {out / 'store'}
+medseg-jax train --config {out / 'run' / 'config.yaml'} --data {out / 'store'} --fold 0 --out {out / 'run'}
+medseg-jax predict --model {out / 'run'} -i {out / 'heldout' / 'imagesTs'} -o {out / 'predictions'}
+medseg-jax evaluate --pred {out / 'predictions'} --ref {out / 'heldout' / 'labelsTs'} --labels {dataset}/dataset.json
+```
+"""
+    write_text_atomic(report_dir / "README.md", text)

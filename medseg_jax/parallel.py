@@ -82,7 +82,8 @@ def check_batch_divisible(mesh: Mesh, batch_size: int, patch_size) -> None:
     if batch_size % data:
         raise ConfigError(f"data.batch_size={batch_size} is not divisible by mesh.data={data}")
     if patch_size[0] % spatial:
-        raise ConfigError(f"data.patch_size[0]={patch_size[0]} is not divisible by mesh.spatial={spatial}")
+        raise ConfigError(f"the first patch axis ({patch_size[0]}, with any augmentation margin) is not divisible "
+                          f"by mesh.spatial={spatial}")
 
 
 def param_spec(shape, data_size: int, fsdp_min_size: int | None) -> P:

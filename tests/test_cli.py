@@ -34,7 +34,7 @@ def test_synth_then_bad_case_count_leaves_nothing(tmp_path, capsys):
 
 
 def test_every_subcommand_has_help(capsys):
-    for command in ("demo", "synth", "plan", "preprocess", "train", "evaluate", "config"):
+    for command in ("demo", "synth", "plan", "preprocess", "train", "predict", "evaluate", "config"):
         with pytest.raises(SystemExit) as info:
             main([command, "--help"])
         assert info.value.code == 0

@@ -5,6 +5,7 @@ and 3D. See :mod:`medseg_jax.augment.pipeline` for the order and the sharding be
 
 from medseg_jax.augment.config import AugmentConfig, check_augment_config  # noqa: F401
 from medseg_jax.augment.pipeline import (  # noqa: F401
+    augment_batch_numpy,
     augment_numpy,
     augment_sample,
     loader_crop_size,

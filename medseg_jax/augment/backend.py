@@ -16,7 +16,8 @@ import functools
 import itertools
 import math
 import operator
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,10 +48,11 @@ class Backend:
         """The 1D linear operator ``y[.., i, ..] = sum_t weights[i, t] * x[.., indices[i, t], ..]`` along
         ``axis`` (``indices``, ``weights``: ``(n, taps)``).
 
-        Host: ``taps`` gathers (cheap for a few taps). Device: one ``(n, n)`` matrix product, at full
+        Host: ``taps`` gathers (cheap for a few taps). Device: one ``(n, n)`` matrix product at full
         float32 precision. A product is what accelerators do best, and XLA does not fuse the producer of
-        a matmul operand into it; with gathers or shifted slices XLA fused the (gather-heavy) resampling
-        into every tap and recomputed it per read: the whole pipeline ran 3-5x slower on CPU.
+        a matmul operand into it; with gathers or shifted slices instead, XLA's CPU backend fused the
+        gather-heavy resampling into every tap and recomputed it for each read (see
+        ``benchmarks/bench_augment.py`` for the cost of the whole pipeline).
         """
         xp = self.xp
         if self.skips_unapplied:

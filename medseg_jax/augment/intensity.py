@@ -29,7 +29,7 @@ def add_noise(x, std, noise):
 
 def blur_radius(max_sigma: float) -> int:
     """Kernel half-width for the largest sigma: the Gaussian is truncated at 3 sigma."""
-    return max(1, int(math.ceil(3 * max_sigma)))
+    return max(1, math.ceil(3 * max_sigma))
 
 
 def _reflected_taps(size: int, radius: int) -> np.ndarray:

@@ -3,8 +3,9 @@
 Order (as ``nnUNetTrainer.get_training_transforms``): spatial (rotation, scaling, optional elastic
 deformation and mirroring, one resampling from the larger input crop to the patch), then Gaussian
 noise, Gaussian blur, brightness, contrast, simulated low resolution, gamma of the inverted image,
-gamma. nnU-Net mirrors last; here the flips are folded into the spatial matrix, which is the same
-in distribution because every later transform acts alike at every position. Labels change only with
+gamma. nnU-Net mirrors last; here the flips are folded into the spatial matrix, which gives the
+same distribution of outputs up to the sampling grid of simulated low resolution (not mirror
+symmetric); every other intensity transform acts alike at every position. Labels change only with
 the spatial transform.
 
 Device (:func:`make_augmentation`): ``augment_fn(key, image, label)`` splits ``key`` into one key per
@@ -12,8 +13,8 @@ sample and ``vmap`` s the per-sample pipeline; every shape is static and every p
 selects with ``where``, so it jits once and runs inside the train step. There is no operation across
 samples: with the batch sharded over the ``data`` axis of a mesh, XLA partitions the vmapped code
 along the batch and each device augments the samples it holds (no gather of the batch). With the
-patch itself split over a ``spatial`` mesh axis the resampling reads across that split, so XLA moves
-crop data between those devices.
+patch itself split over a ``spatial`` mesh axis, the resampling reads across that split and XLA has
+to move crop data between those devices (and the crop size must divide by that axis).
 
 Host (:func:`augment_numpy`): the same code on NumPy/SciPy with a ``numpy.random.Generator``, for a
 loader that augments in its CPU workers (``mode: cpu``) and for comparison. Given the same random
@@ -23,14 +24,19 @@ draws, both produce the same output up to float rounding.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 import jax
 import numpy as np
 
 from medseg_jax.augment import intensity, spatial
 from medseg_jax.augment.backend import JAX, NUMPY, Backend, GeneratorDraws, KeyDraws
-from medseg_jax.augment.config import AugmentConfig, check_augment_config, max_rotation_degrees
+from medseg_jax.augment.config import (
+    AugmentConfig,
+    check_augment_config,
+    max_rotation_degrees,
+)
 from medseg_jax.errors import DataError
 
 
@@ -193,3 +199,11 @@ def train_step_augmentation(config: AugmentConfig, patch_size: Sequence[int], nu
     if config.mode != "device":
         return None
     return make_augmentation(config, patch_size, num_classes)
+
+
+def augment_batch_numpy(rng: np.random.Generator, batch: dict, config: AugmentConfig, patch_size: Sequence[int],
+                        num_classes: Optional[int] = None) -> dict:
+    """:func:`augment_numpy` on a loader batch dict; picklable through ``functools.partial`` so that
+    loader worker processes can run it (``augment.mode: cpu``)."""
+    image, label = augment_numpy(rng, batch["image"], batch["label"], config, patch_size, num_classes)
+    return {"image": image.astype(np.float32), "label": label.astype(np.int32)}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -147,8 +147,8 @@ def _rotated_half_extent(half: np.ndarray, max_radians: float) -> np.ndarray:
     if max_radians <= 0 or norm == 0:
         return half
     n_planes = len(rotation_planes(ndim))
-    points = int(math.ceil(2 * max_radians / math.radians(0.5))) + 1
-    points = max(3, min(points, int(round(4e6 ** (1 / n_planes)))))
+    points = math.ceil(2 * max_radians / math.radians(0.5)) + 1
+    points = max(3, min(points, round(4e6 ** (1 / n_planes))))
     angles = np.linspace(-max_radians, max_radians, points)
     step = angles[1] - angles[0]
     rest = np.zeros((1, 0))  # the other planes' angles, all combinations

@@ -85,9 +85,16 @@ class PatchSampler(grain.transforms.MapWithIndex):
         seed: int = 0,
         shard_index: int = 0,
         shard_count: int = 1,
+        crop_size: Sequence[int] | None = None,
     ):
         self.store = store
         self.patch_size = tuple(int(p) for p in patch_size)
+        # The loader reads ``crop_size`` (>= patch) centred on where a patch would be: augmentation
+        # rotates / scales that crop down to the patch, so the patch's own window decides the placement
+        # (and holds the forced foreground voxel) and the margin around it is real data.
+        self.crop_size = self.patch_size if crop_size is None else tuple(int(c) for c in crop_size)
+        if len(self.crop_size) != len(self.patch_size) or any(c < p for c, p in zip(self.crop_size, self.patch_size)):
+            raise DataError(f"crop size {self.crop_size} must have one entry >= the patch size per axis {self.patch_size}")
         self.batch_size = int(batch_size)
         self.foreground_fraction = float(foreground_fraction)
         self.seed = int(seed)
@@ -111,12 +118,14 @@ class PatchSampler(grain.transforms.MapWithIndex):
             )
         # In slice mode the patch is (*patch_size, 1) along the case's axes, then squeezed.
         patch = (*self.patch_size, 1) if slice_mode else self.patch_size
+        crop = (*self.crop_size, 1) if slice_mode else self.crop_size
         voxel = self._foreground_voxel(case_id, rng) if force_foreground else None
         if voxel is None:
             start = random_patch_start(rng, shape, patch)
         else:
             start = foreground_patch_start(rng, shape, patch, voxel)
-        image, label = self.store.read_patch(case_id, start, patch)
+        start = np.asarray(start) - (np.asarray(crop) - np.asarray(patch)) // 2
+        image, label = self.store.read_patch(case_id, start, crop)
         if slice_mode:
             image, label = image[..., 0], label[..., 0]
         return {"image": np.ascontiguousarray(np.moveaxis(image, 0, -1)), "label": label.astype(np.int32)}
@@ -129,6 +138,16 @@ class PatchSampler(grain.transforms.MapWithIndex):
         classes = sorted(locations)
         points = locations[classes[rng.integers(len(classes))]]
         return points[rng.integers(len(points))]
+
+
+class BatchTransform(grain.transforms.MapWithIndex):
+    """Applies ``transform(rng, batch)`` with a generator seeded by (seed, batch index, shard)."""
+
+    def __init__(self, transform, seed: int, shard_index: int):
+        self.transform, self.seed, self.shard_index = transform, int(seed), int(shard_index)
+
+    def map_with_index(self, index: int, batch: dict) -> dict:
+        return self.transform(np.random.default_rng([self.seed, index, self.shard_index, 1]), batch)
 
 
 def make_train_loader(
@@ -144,6 +163,8 @@ def make_train_loader(
     shard_options: grain.sharding.ShardOptions | None = None,
     num_threads: int = 2,
     prefetch_batches: int = 4,
+    crop_size: Sequence[int] | None = None,
+    batch_transform=None,
 ) -> grain.IterDataset:
     """The infinite stream of training batches of this host, as a grain ``IterDataset``.
 
@@ -160,6 +181,11 @@ def make_train_loader(
         overrides both when given.
       num_threads: reader threads per process, each producing whole batches.
       prefetch_batches: batches buffered ahead per process (bounds memory: a 2x128^3 batch is 16 MB).
+      crop_size: read this larger crop around each patch position (room for rotation / scaling done
+        later, see :func:`medseg_jax.augment.loader_crop_size`); default: the patch itself.
+      batch_transform: ``f(rng, batch) -> batch`` run on each batch in the loader (CPU-side
+        augmentation), with ``rng = default_rng([seed, batch index, shard, 1])``: deterministic and
+        restored with the iterator state like everything else.
 
     Returns:
       ``grain.IterDataset``; ``it = iter(loader)`` yields batch dicts (see the module docstring),
@@ -168,7 +194,8 @@ def make_train_loader(
     if shard_options is not None:
         shard_index, shard_count = shard_options.shard_index, shard_options.shard_count
     _check_arguments(store, case_ids, patch_size, batch_size, foreground_fraction, seed, shard_index, shard_count)
-    sampler = PatchSampler(store, patch_size, batch_size, foreground_fraction, seed, shard_index, shard_count)
+    sampler = PatchSampler(store, patch_size, batch_size, foreground_fraction, seed, shard_index, shard_count,
+                           crop_size=crop_size)
     dataset = (
         grain.MapDataset.source(list(case_ids))
         .shuffle(seed=seed)
@@ -177,6 +204,8 @@ def make_train_loader(
         .map_with_index(sampler)
         .batch(batch_size, drop_remainder=True)
     )
+    if batch_transform is not None:
+        dataset = dataset.map_with_index(BatchTransform(batch_transform, seed, shard_index))
     read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches)
     loader = dataset.to_iter_dataset(read_options)
     if num_workers > 0:

@@ -95,8 +95,8 @@ class Predictor:
         if axes is not None and any(not 0 <= int(a) < self.dim for a in axes):
             raise ConfigError(f"inference.mirror_axes {tuple(axes)}: a {self.dim}D network has axes 0..{self.dim - 1}")
 
-    def logits(self, image: np.ndarray) -> np.ndarray:
-        """Blended logits ``(K, *spatial)`` float32 for a preprocessed image ``(C, *spatial)``."""
+    def probabilities(self, image: np.ndarray) -> np.ndarray:
+        """Softmax of the blended logits, ``(K, *spatial)`` float32, for a preprocessed ``(C, *spatial)``."""
         extra = image.ndim - 1 - self.dim
         if extra == 0:
             windows_input = np.moveaxis(image, 0, -1)
@@ -121,7 +121,7 @@ class Predictor:
         """Predict one case given one :class:`~medseg_jax.data.io.Volume` per channel (plan order)."""
         started = time.perf_counter()
         image, _, properties = preprocess_case(images, None, self.plan)
-        probabilities = self.logits(image)  # softmax already applied: (K, *preprocessed spatial)
+        probabilities = self.probabilities(image)  # (K, *preprocessed spatial)
         restored = restore_geometry(probabilities, properties, kind="probabilities")
         label_array = np.argmax(np.stack([v.array for v in restored]), axis=0).astype(np.uint8)
         if self.largest_component:
@@ -158,10 +158,9 @@ def _write_outputs(prediction: Prediction, label_path: Path) -> list[Path]:
     try:
         if prediction.probabilities is not None:
             probs_path = label_path.with_name(re.sub(r"\.nii(\.gz)?$", "", label_path.name) + ".npz")
-            with atomic_path(probs_path) as tmp:
-                with open(tmp, "wb") as handle:
-                    np.savez_compressed(handle, probabilities=np.stack([v.array for v in prediction.probabilities]),
-                                        affine=prediction.label.affine)
+            with atomic_path(probs_path) as tmp, open(tmp, "wb") as handle:
+                np.savez_compressed(handle, probabilities=np.stack([v.array for v in prediction.probabilities]),
+                                    affine=prediction.label.affine)
             written.append(probs_path)
         written.append(io.write_nifti(prediction.label, label_path, dtype=np.uint8))
     except BaseException:

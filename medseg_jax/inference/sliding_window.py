@@ -7,7 +7,8 @@ Conventions (nnU-Net v2's ``predict_sliding_window_return_logits``):
 - Each window's logits are weighted by :func:`gaussian_importance_map` (or by 1 with
   ``blend="constant"``), summed into an accumulator, and divided by the summed weights at the end.
 - Mirroring: for every non-empty subset of ``mirror_axes`` the window is flipped, predicted and flipped
-  back; the logits of all ``2^m`` predictions (the plain one included) are averaged.
+  back; the logits of all ``2^m`` predictions (the plain one included) are averaged. The flipped copies
+  join the window batch, so one ``apply_fn`` call sees ``batch_size * 2^m`` windows.
 
 Two accumulation modes:
 
@@ -40,7 +41,7 @@ from scipy.ndimage import gaussian_filter
 
 from medseg_jax.errors import ConfigError
 
-__all__ = ["gaussian_importance_map", "compute_window_starts", "sliding_window", "argmax_labels"]
+__all__ = ["argmax_labels", "compute_window_starts", "gaussian_importance_map", "sliding_window"]
 
 
 @functools.lru_cache(maxsize=16)
@@ -126,36 +127,30 @@ def _window_table(num_images: int, padded: Sequence[int], patch: Sequence[int], 
     return np.asarray(rows, dtype=np.int32), valid, spatial
 
 
-def _mirror_table(mirror_axes, ndim: int) -> tuple[tuple[bool, ...], ...]:
-    """Flip flags per spatial axis for every subset of ``mirror_axes`` (the empty subset first)."""
+def _mirror_subsets(mirror_axes, ndim: int) -> tuple[tuple[int, ...], ...]:
+    """Every subset of ``mirror_axes`` (spatial axes; ``None`` = all), the empty subset first."""
     axes = tuple(range(ndim)) if mirror_axes is None else tuple(int(a) for a in mirror_axes)
     if any(not 0 <= a < ndim for a in axes) or len(set(axes)) != len(axes):
         raise ConfigError(f"mirror_axes {tuple(mirror_axes)} must be distinct spatial axes in 0..{ndim - 1}")
-    subsets = itertools.chain.from_iterable(itertools.combinations(axes, r) for r in range(len(axes) + 1))
-    return tuple(tuple(a in subset for a in range(ndim)) for subset in subsets)
+    return tuple(itertools.chain.from_iterable(itertools.combinations(axes, r) for r in range(len(axes) + 1)))
 
 
-def _mirrored_prediction(call, params, windows, mirror_table):
-    """Mean over ``mirror_table`` of ``flip(call(params, flip(windows)))``, float32 ``(B, *patch, K)``.
+def _mirrored_prediction(call, params, windows, mirror_subsets, window_sharding=None):
+    """Mean over ``mirror_subsets`` of ``flip(call(params, flip(windows)))``, float32 ``(B, *patch, K)``.
 
-    The flips are selected with ``jnp.where`` from a table indexed by a loop counter, so the network is
-    traced (and compiled) once however many combinations there are.
+    All flipped copies go through the network as one batch of ``B * len(mirror_subsets)`` windows: the
+    network is traced and compiled once, and there is no loop around it (XLA:CPU runs a network inside a
+    while loop markedly slower than the same network called in sequence). Activation memory grows with
+    the number of combinations; lower the window batch size when it is tight.
     """
-    if len(mirror_table) == 1:
+    if len(mirror_subsets) == 1:
         return call(params, windows).astype(jnp.float32)
-    table = jnp.asarray(mirror_table)
-    flippable = [a for a in range(table.shape[1]) if any(row[a] for row in mirror_table)]
-
-    def flip(x, flags):
-        for a in flippable:
-            x = jnp.where(flags[a], jnp.flip(x, axis=a + 1), x)
-        return x
-
-    def body(i, total):
-        return total + flip(call(params, flip(windows, table[i])).astype(jnp.float32), table[i])
-
-    first = call(params, windows).astype(jnp.float32)
-    return lax.fori_loop(1, len(mirror_table), body, first) / len(mirror_table)
+    flips = [tuple(a + 1 for a in subset) for subset in mirror_subsets]  # + 1: the batch axis comes first
+    stacked = jnp.concatenate([jnp.flip(windows, axes) if axes else windows for axes in flips])
+    stacked = _constrain(stacked, window_sharding)  # keep the enlarged batch split over the devices
+    out = call(params, stacked).astype(jnp.float32)
+    out = out.reshape((len(flips), windows.shape[0]) + out.shape[1:])
+    return sum(jnp.flip(out[i], axes) if axes else out[i] for i, axes in enumerate(flips)) / len(flips)
 
 
 def _constrain(x, sharding):
@@ -170,7 +165,7 @@ def _call_fn(apply_fn, with_params: bool):
 
 
 @functools.lru_cache(maxsize=8)
-def _device_program(apply_fn, with_params, patch, batch_size, mirror_table, num_classes, window_sharding):
+def _device_program(apply_fn, with_params, patch, batch_size, mirror_subsets, num_classes, window_sharding):
     """The jitted whole-image program: ``(params, image (N, *S, C), starts, valid, spatial_starts, weight)
     -> logits (N, *S, K)``. Cached per static configuration; ``jax.jit`` caches per input shape."""
     call = _call_fn(apply_fn, with_params)
@@ -186,7 +181,8 @@ def _device_program(apply_fn, with_params, patch, batch_size, mirror_table, num_
 
         def predict(window_starts):
             windows = _constrain(jax.vmap(cut)(window_starts), window_sharding)
-            return _constrain(_mirrored_prediction(call, params, windows, mirror_table), window_sharding)
+            return _constrain(_mirrored_prediction(call, params, windows, mirror_subsets, window_sharding),
+                              window_sharding)
 
         k = num_classes
         if k is None:
@@ -194,7 +190,8 @@ def _device_program(apply_fn, with_params, patch, batch_size, mirror_table, num_
 
         def add_batch(acc, batch):
             window_starts, window_valid = batch
-            weighted = predict(window_starts) * (weight[None, ..., None] * window_valid.reshape((-1,) + (1,) * (ndim + 1)))
+            batch_weight = weight[None, ..., None] * window_valid.reshape((-1,) + (1,) * (ndim + 1))
+            weighted = predict(window_starts) * batch_weight  # padding rows of the table weigh 0
 
             def add_one(b, acc):
                 index = (window_starts[b, 0], *window_starts[b, 1:], 0)
@@ -220,13 +217,13 @@ def _device_program(apply_fn, with_params, patch, batch_size, mirror_table, num_
 
 
 @functools.lru_cache(maxsize=8)
-def _batch_program(apply_fn, with_params, mirror_table, window_sharding):
+def _batch_program(apply_fn, with_params, mirror_subsets, window_sharding):
     """The jitted per-batch program of host mode: ``(params, windows, weight (*patch)) -> weighted logits``."""
     call = _call_fn(apply_fn, with_params)
 
     def program(params, windows, weight):
         windows = _constrain(windows, window_sharding)
-        logits = _mirrored_prediction(call, params, windows, mirror_table)
+        logits = _mirrored_prediction(call, params, windows, mirror_subsets, window_sharding)
         return _constrain(logits * weight[None, ..., None], window_sharding)
 
     return jax.jit(program)
@@ -332,16 +329,16 @@ def sliding_window(apply_fn: Callable, image, patch_size: Sequence[int], step: f
     single = np.ndim(image) == ndim + 1
     weight = (gaussian_importance_map(patch, sigma_scale) if blend == "gaussian"
               else np.ones(patch, np.float32))
-    mirror_table = _mirror_table(mirror_axes, ndim)
+    mirror_subsets = _mirror_subsets(mirror_axes, ndim)
     window_sharding, batch_size = _window_sharding(mesh, data_axis, int(batch_size))
     with_params = params is not None
 
     if accumulate == "host":
-        program = _cached(_batch_program, apply_fn, with_params, mirror_table, window_sharding)
+        program = _cached(_batch_program, apply_fn, with_params, mirror_subsets, window_sharding)
         batched = np.asarray(image)[None] if single else np.asarray(image)
         logits = _host_accumulate(program, params, batched, patch, step, batch_size, weight, window_sharding)
     else:
-        program = _cached(_device_program, apply_fn, with_params, patch, batch_size, mirror_table,
+        program = _cached(_device_program, apply_fn, with_params, patch, batch_size, mirror_subsets,
                           None if num_classes is None else int(num_classes), window_sharding)
         batched = image[None] if single else image
         padded = [max(s, p) for s, p in zip(np.shape(batched)[1:-1], patch)]

@@ -47,13 +47,14 @@ def add_bias(y, bias):
     return y if bias is None else y + bias.astype(y.dtype)
 
 
-def conv_xla(x, kernel, bias, strides: Sequence[int]):
-    """The reference: ``lax.conv_general_dilated``, channels-last, padding ``k // 2``."""
+def conv_xla(x, kernel, bias, strides: Sequence[int], accumulate_dtype=None):
+    """The reference: ``lax.conv_general_dilated``, channels-last, padding ``k // 2``. The result has
+    ``accumulate_dtype`` when given (partial sums kept in float32), else ``x.dtype``."""
     spatial = x.ndim - 2
     taps = kernel.shape[:spatial]
     y = lax.conv_general_dilated(
         x, kernel.astype(x.dtype), tuple(strides), [(k // 2, k // 2) for k in taps],
-        dimension_numbers=dimension_numbers(spatial),
+        dimension_numbers=dimension_numbers(spatial), preferred_element_type=accumulate_dtype,
     )
     return add_bias(y, bias)
 
@@ -81,11 +82,13 @@ def conv_depth_sum(x, kernel, bias, strides: Sequence[int]):
     if x.ndim - 2 < 3:
         return conv_xla(x, kernel, bias, strides)
     batch = x.shape[0]
+    # Low-precision inputs: the partial sums are added in float32 and rounded once, as one conv would.
+    accumulate = jnp.float32 if jnp.finfo(x.dtype).bits < 32 else None
     total = None
     for tap, piece in enumerate(depth_slices(x, kernel.shape[0], strides[0])):
-        y = conv_xla(fold_depth(piece), kernel[tap], None, strides[1:])
+        y = conv_xla(fold_depth(piece), kernel[tap], None, strides[1:], accumulate)
         total = y if total is None else total + y
-    total = total.reshape(batch, -1, *total.shape[1:])
+    total = total.reshape(batch, -1, *total.shape[1:]).astype(x.dtype)
     return add_bias(total, bias)
 
 

@@ -95,6 +95,25 @@ def plot_curves(run_dir: Path, entries: list[dict]) -> None:
         plot_training_curve(train_entries, run_dir / "training_curve.png", validation=val_entries)
 
 
+def augmentation(config):
+    """``(augment_fn for the step, batch_transform for the loader, crop size the loader reads)`` for
+    ``augment.mode`` device / cpu / none (see :mod:`medseg_jax.augment`)."""
+    import functools
+
+    from medseg_jax.augment import augment_batch_numpy, check_augment_config, loader_crop_size
+    from medseg_jax.augment import train_step_augmentation
+
+    c, patch = config.augment, tuple(config.data.patch_size)
+    check_augment_config(c, len(patch))
+    if c.mode == "none":
+        return None, None, patch
+    crop = loader_crop_size(c, patch)
+    if c.mode == "cpu":
+        return None, functools.partial(augment_batch_numpy, config=c, patch_size=patch,
+                                       num_classes=config.model.num_classes), crop
+    return train_step_augmentation(c, patch, config.model.num_classes), None, crop
+
+
 def train(config, store_dir, run_dir, fold: int = 0, resume: bool = True, progress: bool = True,
           log=lambda message: None) -> dict:
     """Train on fold ``fold`` of the store; returns a summary dict (also written to ``summary.json``)."""
@@ -139,14 +158,18 @@ def train(config, store_dir, run_dir, fold: int = 0, resume: bool = True, progre
     start = int(state.step)
 
     per_host_batch = config.data.batch_size // jax.process_count()
+    augment_fn, batch_transform, crop_size = augmentation(config)
     loader = iter(make_train_loader(store, split["train"], config.data.patch_size, per_host_batch,
                                     config.data.foreground_fraction, seed=config.data.seed,
                                     num_workers=config.data.num_workers, shard_index=jax.process_index(),
-                                    shard_count=jax.process_count()))
+                                    shard_count=jax.process_count(), crop_size=crop_size,
+                                    batch_transform=batch_transform))
     if data_state is not None:
         loader.set_state(data_state)
+    parallel.check_batch_divisible(mesh, config.data.batch_size, crop_size)
     step_fn = jit_train_step(make_train_step(model, optimizer, config.train.loss, lr_schedule=schedule,
-                                             ema_decay=config.train.ema_decay), state_shardings, batch_shardings)
+                                             ema_decay=config.train.ema_decay, augment_fn=augment_fn),
+                             state_shardings, batch_shardings)
     eval_fn = jax.jit(make_eval_step(model, config.train.loss), in_shardings=(state_shardings.params, batch_shardings))
 
     metrics_path = run_dir / "metrics.jsonl"

@@ -110,3 +110,47 @@ def check_compatible(saved_meta: dict, config, run_dir: Path) -> None:
 
 def sample_input(config) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((1, *config.data.patch_size, config.model.in_channels), jnp.float32)
+
+
+def load_run(run_dir, checkpoint_choice: str = "latest"):
+    """``(model, params, plan, config)`` of a finished or running training run, for prediction.
+
+    ``checkpoint_choice``: ``latest`` (the newest readable checkpoint) or ``best`` (best validation
+    pseudo-Dice). EMA parameters are used when the run kept them. The model is built without deep
+    supervision (only the full-resolution output), on the default device.
+    """
+    from medseg_jax import checkpoint
+    from medseg_jax.config import load_config
+    from medseg_jax.data.fingerprint import load_plan
+    from medseg_jax.models.factory import build_unet
+    from medseg_jax.train.optim import make_optimizer
+    from medseg_jax.train.state import create_train_state
+
+    run_dir = Path(run_dir)
+    missing = [name for name in ("config.yaml", PLAN_NAME, "checkpoints") if not (run_dir / name).exists()]
+    if missing:
+        raise DataError(f"{run_dir}: not a training run folder (missing {', '.join(missing)})")
+    config = load_config(run_dir / "config.yaml")
+    plan = load_plan(run_dir / PLAN_NAME)
+    model = build_unet(config.model)
+    optimizer = make_optimizer(config.train)
+    abstract = jax.eval_shape(lambda key: create_train_state(model, optimizer, key, jnp.zeros(sample_input(config).shape),
+                                                             use_ema=config.train.ema_decay is not None),
+                              jax.random.key(0))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = checkpoint.abstract_with_shardings(abstract, jax.tree_util.tree_map(lambda _: device, abstract))
+    manager = checkpoint.make_manager(run_dir / "checkpoints")
+    if checkpoint_choice == "best":
+        step = manager.best_step()
+        if step is None:
+            raise DataError(f"{run_dir}: no checkpoint carries a validation score; use the latest one")
+        state = checkpoint.restore_step(manager, step, target)[0]
+    elif checkpoint_choice == "latest":
+        restored = checkpoint.restore_latest_good(manager, target)
+        if restored is None:
+            raise DataError(f"{run_dir / 'checkpoints'}: no checkpoint yet")
+        state = restored[1]
+    else:
+        raise ConfigError(f"checkpoint choice must be 'latest' or 'best', got {checkpoint_choice!r}")
+    params = state.ema_params if state.ema_params is not None else state.params
+    return build_unet(config.model, deep_supervision=False), params, plan, config

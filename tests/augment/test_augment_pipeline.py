@@ -9,7 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from medseg_jax.augment import AugmentConfig, augment_numpy, augment_sample, loader_crop_size, make_augmentation
+from medseg_jax.augment import (
+    AugmentConfig,
+    augment_numpy,
+    augment_sample,
+    loader_crop_size,
+    make_augmentation,
+)
 from medseg_jax.augment.backend import JAX, NUMPY, GeneratorDraws, KeyDraws
 from medseg_jax.augment.pipeline import sample_spatial_parameters
 from medseg_jax.errors import ConfigError, DataError

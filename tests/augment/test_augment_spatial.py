@@ -6,8 +6,15 @@ import pytest
 
 from medseg_jax.augment.backend import JAX, NUMPY
 from medseg_jax.augment.spatial import (
-    bspline_weights, centre_crop_and_flip, control_grid_shape, crop_size_for, elastic_displacement, resample,
-    rotation_planes, sampling_coordinates, spatial_matrix,
+    bspline_weights,
+    centre_crop_and_flip,
+    control_grid_shape,
+    crop_size_for,
+    elastic_displacement,
+    resample,
+    rotation_planes,
+    sampling_coordinates,
+    spatial_matrix,
 )
 
 BACKENDS = [JAX, NUMPY]

@@ -175,3 +175,33 @@ def test_patch_that_does_not_fit_the_cases_names_the_case(tmp_path):
     message = r"case 'flat' .*patch size \(8, 8, 8\) does not fit a case of shape \(16, 16\)"
     with pytest.raises(DataError, match=message):
         next(iter(make_train_loader(store, ["flat"], (8, 8, 8), 2)))
+
+
+def test_crop_is_centred_on_the_patch_window_and_holds_forced_foreground(store):
+    patch, crop = (8, 8, 8), (14, 12, 8)
+    plain = take(make_train_loader(store, CASES, patch, 3, foreground_fraction=0.34, seed=5), 6)
+    cropped = take(make_train_loader(store, CASES, patch, 3, foreground_fraction=0.34, seed=5, crop_size=crop), 6)
+    margin = [(c - p) // 2 for c, p in zip(crop, patch)]
+    centre = tuple(slice(m, m + p) for m, p in zip(margin, patch))
+    for a, b in zip(plain, cropped):
+        assert b["image"].shape == (3, *crop, 1)
+        # the central patch-size window of the crop is exactly the patch drawn without a crop
+        np.testing.assert_array_equal(b["label"][(slice(None), *centre)], a["label"])
+        assert (b["label"][(2, *centre)] > 0).any()  # the forced sample's foreground is in the window
+
+
+def test_batch_transform_runs_per_batch_deterministically(store):
+    def shift(rng, batch):
+        return {"image": batch["image"] + rng.integers(1, 1000), "label": batch["label"]}
+
+    a = take(make_train_loader(store, CASES, (8, 8, 8), 2, seed=1, batch_transform=shift), 4)
+    b = take(make_train_loader(store, CASES, (8, 8, 8), 2, seed=1, batch_transform=shift), 4)
+    plain = take(make_train_loader(store, CASES, (8, 8, 8), 2, seed=1), 4)
+    assert_same_batches(a, b)
+    offsets = [float(x["image"][0, 0, 0, 0, 0] - y["image"][0, 0, 0, 0, 0]) for x, y in zip(a, plain)]
+    assert all(o >= 1 for o in offsets) and len(set(offsets)) > 1
+
+
+def test_crop_smaller_than_patch_is_refused(store):
+    with pytest.raises(DataError, match="crop size"):
+        make_train_loader(store, CASES, (8, 8, 8), 2, crop_size=(6, 8, 8))

@@ -125,6 +125,18 @@ def test_blending_weights_windows_by_the_gaussian_map():
     assert not np.allclose(num / den, np.where(np.arange(6)[:, None] < 3, means[0], means[1]))
 
 
+def test_images_smaller_than_the_patch_are_padded_symmetrically():
+    # The predictor returns each voxel's index inside its window along axis 0, so the result shows where
+    # the image sits in the padded window: nnU-Net pads (patch - size) // 2 below, the rest above.
+    def position(x):
+        ramp = jnp.arange(x.shape[1], dtype=jnp.float32).reshape(1, -1, 1, 1)
+        return jnp.broadcast_to(ramp, x.shape[:-1] + (1,))
+
+    for size, below in ((5, 1), (6, 1), (7, 0)):
+        got = np.asarray(sliding_window(position, np.ones((size, 4, 1), np.float32), (8, 4), mirror_axes=()))
+        np.testing.assert_allclose(got[:, 0, 0], np.arange(size) + below, err_msg=f"size {size}")
+
+
 def test_a_batch_of_images_gives_each_image_its_own_result():
     rng = np.random.default_rng(1)
     images = rng.normal(size=(3, 20, 14, 2)).astype(np.float32)
@@ -220,17 +232,20 @@ SHARDED_SCRIPT = textwrap.dedent("""
     shard_shapes = []
 
     def predictor(x):
-        jax.debug.inspect_array_sharding(x, callback=lambda s: shard_shapes.append(s.shard_shape(x.shape)))
+        record = lambda s: shard_shapes.append((s.shard_shape(x.shape)[0], x.shape[0]))  # (per device, all)
+        jax.debug.inspect_array_sharding(x, callback=record)
         return jnp.concatenate([x, jnp.cumsum(x, axis=1) * 0.1], axis=-1)
 
     image = np.random.default_rng(0).normal(size=(21, 18, 1)).astype(np.float32)
     single = np.asarray(sliding_window(predictor, image, (8, 8), batch_size=8))
+    assert shard_shapes == [(32, 32)]  # one device: nothing split
     for accumulate in ("device", "host"):
         shard_shapes.clear()
         sharded = np.asarray(sliding_window(predictor, image, (8, 8), batch_size=8, mesh=mesh,
                                             accumulate=accumulate))
         np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-5)
-        assert shard_shapes and all(s[0] == 1 for s in shard_shapes), shard_shapes  # 8 windows over 8 devices
+        # the windows (8 per batch, times 4 flip combinations) are split evenly over the 8 devices
+        assert shard_shapes and all(8 * shard == full for shard, full in shard_shapes), shard_shapes
     print("sharded ok")
 """)
 
@@ -239,6 +254,6 @@ def test_windows_sharded_over_eight_devices_match_one_device():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True, timeout=300,
-                            env=env, cwd=root)
+                            env=env, cwd=root, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sharded ok" in result.stdout

@@ -153,3 +153,37 @@ def test_resume_refuses_a_different_model(store_dir, uninterrupted, tmp_path):
     shutil.copytree(uninterrupted[0], run_dir)
     with pytest.raises(ConfigError, match="different model config"):
         train(load_config(None, [*OVERRIDES, "model.base_features=8"]), store_dir, run_dir, progress=False)
+
+
+def test_predict_and_evaluate_with_the_trained_run(store_dir, uninterrupted, tmp_path, capsys):
+    from medseg_jax.cli import main
+    from medseg_jax.data.io import read_nifti_header
+
+    dataset = store_dir.parent / "raw" / "Dataset001_SynthLiver"
+    out = tmp_path / "pred"
+    assert main(["predict", "--model", str(uninterrupted[0]), "-i", str(dataset / "imagesTr"), "-o", str(out),
+                 "--quiet", "--mirror-axes", "0", "--largest-component"]) == 0
+    assert "predicted 5 case(s)" in capsys.readouterr().out
+    for label in sorted((dataset / "labelsTr").iterdir()):
+        shape, affine = read_nifti_header(out / label.name)
+        ref_shape, ref_affine = read_nifti_header(label)
+        assert shape == ref_shape
+        np.testing.assert_allclose(affine, ref_affine, atol=1e-5)
+    assert main(["evaluate", "--pred", str(out), "--ref", str(dataset / "labelsTr"), "--labels",
+                 str(dataset / "dataset.json"), "--quiet"]) == 0
+    summary = json.loads((out / "evaluation" / "summary.json").read_text())
+    assert "liver" in json.dumps(summary)
+
+
+def test_predict_with_a_folder_that_is_not_a_run(tmp_path, capsys):
+    from medseg_jax.cli import main
+
+    assert main(["predict", "--model", str(tmp_path), "-i", str(tmp_path), "-o", str(tmp_path / "out.nii.gz")]) == 2
+    assert "not a training run folder" in capsys.readouterr().err
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_cpu_side_augmentation_mode_trains(store_dir, tmp_path):
+    config = load_config(None, [*OVERRIDES, "train.steps=2", "train.val_every=2", "augment.mode=cpu"])
+    summary = train(config, store_dir, tmp_path / "cpu_aug", progress=False)
+    assert summary["step"] == 2 and np.isfinite(summary["final_loss"])

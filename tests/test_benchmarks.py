@@ -1,0 +1,56 @@
+import json
+
+import pytest
+
+from benchmarks import cases, torch_baseline
+from benchmarks.suite import run_benchmarks
+from medseg_jax.errors import ConfigError
+from medseg_jax.kernels.autotune import OpCase
+
+
+def test_analytic_flop_convention_by_hand():
+    # 3x3 conv, 2 samples of 4x4, 3 -> 5 channels, stride 1: 2 * 2*16 outputs * 9 taps * 3 * 5
+    assert cases.conv_flops(OpCase("conv", (2, 4, 4, 3), (3, 3, 3, 5), (1, 1))) == 2 * 2 * 16 * 9 * 3 * 5
+    # stride 2 on 5x5 with padding 1: 3x3 outputs
+    assert cases.conv_flops(OpCase("conv", (1, 5, 5, 2), (3, 3, 2, 4), (2, 2))) == 2 * 9 * 9 * 2 * 4
+    # upsampling (1, 2, 2) of 1x2x3x3 voxels, 8 -> 4 channels: every input voxel makes 4 outputs
+    assert cases.conv_flops(OpCase("upsample", (1, 2, 3, 3, 8), (1, 2, 2, 8, 4), (1, 2, 2))) == 2 * 18 * 4 * 8 * 4
+
+
+def test_bad_arguments_name_the_choices():
+    with pytest.raises(ConfigError, match="smoke"):
+        run_benchmarks("huge")
+    with pytest.raises(ConfigError, match="train_step"):
+        run_benchmarks("smoke", operations=("everything",))
+
+
+def test_smoke_run_writes_json_and_markdown(tmp_path):
+    report = run_benchmarks("smoke", dims=(2,), operations=("upsample", "train_step"), runs=1, out_dir=tmp_path)
+    json_file, md_file = sorted(tmp_path.iterdir(), key=lambda p: p.suffix)
+    assert json_file.suffix == ".json" and md_file.suffix == ".md"
+    saved = json.loads(json_file.read_text())
+    assert saved["meta"]["preset"] == "smoke" and saved["matmul_reference"]["float32"]["flop_per_s"] > 0
+
+    rows = {(r["group"], r["implementation"]): r for r in saved["results"]}
+    upsample = [r for r in saved["results"] if r["group"] == "upsample fwd+bwd"]
+    assert {r["implementation"] for r in upsample} >= {"conv_transpose", "matmul"}
+    for r in upsample:
+        assert r["median_s"] > 0 and r["compile_s"] > 0 and r["runs"] == 1
+        assert r["flops_analytic"] == 3 * 2 * 2 * 8 * 8 * 4 * 8 * 4  # fwd + 2x bwd, (2, 8, 8, 8) -> 4 channels
+        assert r["baseline"] == "conv_transpose"
+    assert rows[("upsample fwd+bwd", "conv_transpose")]["speedup_vs_baseline"] == 1.0
+
+    steps = {r["implementation"]: r for r in saved["results"] if r["group"] == "train step"}
+    assert set(cases.NETWORK_VARIANTS) <= set(steps)
+    assert ("pytorch nnU-Net PlainConvUNet" in steps) == torch_baseline.available()
+    if torch_baseline.available():  # same topology on both sides: same parameter count
+        model = cases.PRESETS["smoke"][2].unet("float32")
+        import jax
+
+        from medseg_jax.models import count_parameters
+
+        shapes = jax.eval_shape(model.init, jax.random.key(0), jax.numpy.zeros((1, 16, 16, 1)))
+        assert steps["pytorch nnU-Net PlainConvUNet"]["parameters"] == count_parameters(shapes)
+    text = md_file.read_text()
+    assert "| 2D | float32 | train step |" in text and "medseg-jax default" in text
+    assert report["results"] == saved["results"]
