@@ -75,7 +75,7 @@ NETWORK_VARIANTS: dict[str, tuple[str, str]] = {
     "plain flax (xla conv + conv_transpose)": ("xla", "conv_transpose"),
 }
 NETWORK_BASELINE = "plain flax (xla conv + conv_transpose)"
-ALTERNATIVE_3D_VARIANT = {"depth_stack conv + matmul upsample": ("depth_stack", "matmul")}
+ALTERNATIVE_3D_VARIANT = {"depth_sum conv + matmul upsample": ("depth_sum", "matmul")}
 
 
 def network_variants(dims: int) -> dict[str, tuple[str, str]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 
 from benchmarks.timing import Prepared
 
@@ -33,7 +34,14 @@ def versions() -> dict:
 
 
 def jax_thread_count() -> int:
-    """Threads XLA's CPU backend uses: every core this process may run on."""
+    """Threads XLA's CPU backend uses: ``intra_op_parallelism_threads=N`` from ``XLA_FLAGS`` when set
+    (1 with ``--xla_cpu_multi_thread_eigen=false``), else every core this process may run on."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    match = re.search(r"intra_op_parallelism_threads=(\d+)", flags)
+    if match:
+        return int(match.group(1))
+    if "xla_cpu_multi_thread_eigen=false" in flags:
+        return 1
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 

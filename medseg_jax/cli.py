@@ -115,7 +115,8 @@ def cmd_predict(args) -> int:
     inference = dataclasses.replace(inference, **changes)
     summaries = predict_input(args.input, args.output, model, params, plan, inference,
                               save_probabilities=args.save_probabilities, skip_existing=args.skip_existing,
-                              progress=not args.quiet, largest_component=args.largest_component,
+                              progress=not args.quiet,
+                              largest_component=False if args.largest_component is None else (args.largest_component or True),
                               accumulate="host" if args.memory_bounded else "device")
     for summary in summaries:
         volumes = ", ".join(f"{name} {ml:.1f} mL" for name, ml in summary.get("volume_ml", {}).items())
@@ -215,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mirror-axes", type=int, nargs="+", default=None, help="axes mirrored at test time")
     p.add_argument("--no-mirror", action="store_true", help="no mirroring test-time augmentation")
     p.add_argument("--save-probabilities", action="store_true", help="also write {case}.npz class probabilities")
-    p.add_argument("--largest-component", action="store_true", help="keep the largest component of each class")
+    p.add_argument("--largest-component", type=int, nargs="*", default=None, metavar="CLASS",
+                   help="keep only the largest connected component of these classes (no value: every class)")
     p.add_argument("--memory-bounded", action="store_true", help="accumulate windows on the host (large scans)")
     p.add_argument("--skip-existing", action="store_true", help="skip cases whose output exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -29,8 +29,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 class DemoSettings:
     """Sizes of the demo; the defaults are chosen to finish in minutes on 2 CPU cores (README)."""
 
-    cases: int = 10
-    steps: int = 300
+    cases: int = 20
+    steps: int = 1500
     dim: int = 2
     shape: tuple[int, ...] = (64, 64, 32)
 
@@ -99,10 +99,12 @@ def run_demo(out_dir, cases=None, steps=None, dim=None, seed=0, config_path=None
     stage("synthesise", t0)
 
     t0 = time.perf_counter()
+    if config.data.patch_size and len(config.data.patch_size) != settings.dim:
+        # the demo config's patch is 2D: for --dim 3 the plan sizes a 3D patch for a similar budget
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, patch_size=None, batch_size=2))
     patch = config.data.patch_size
-    plan = make_plan(compute_fingerprint(dataset), dim=settings.dim,
-                     voxel_budget=(config.data.batch_size or 2) * float(np.prod(patch)) if patch else None,
-                     hu_window=(-175.0, 250.0))
+    budget = (config.data.batch_size or 2) * float(np.prod(patch)) if patch else 2 * float(np.prod(settings.shape))
+    plan = make_plan(compute_fingerprint(dataset), dim=settings.dim, voxel_budget=budget, hu_window=(-175.0, 250.0))
     save_json(plan, out / "plan.json")
     store = CaseStore(out / "store", chunk_shape=(64, 64, 1) if settings.dim == 2 else None)
     preprocess_dataset(dataset, plan, store, progress=progress)

@@ -76,12 +76,13 @@ class Predictor:
     them, highest resolution first); ``plan`` is the training run's plan; ``inference_config`` an
     :class:`~medseg_jax.config.InferenceConfig` (``mirror_axes`` null = every axis of the network,
     ``()`` = no mirroring). Compiled programs are reused for every case of the same preprocessed shape
-    (with ``accumulate="host"``: for every case). ``largest_component`` keeps only the largest connected
-    component per foreground class; ``mesh`` splits window batches over its ``data`` axis.
+    (with ``accumulate="host"``: for every case). ``largest_component``: True keeps only the largest connected
+    component of every foreground class, a sequence of class ids only of those (e.g. ``[1]`` for a
+    single organ whose lesions may be many); ``mesh`` splits window batches over its ``data`` axis.
     """
 
     def __init__(self, model, params, plan: dict, inference_config: InferenceConfig | None = None, *,
-                 accumulate: str = "device", largest_component: bool = False, mesh=None):
+                 accumulate: str = "device", largest_component=False, mesh=None):
         self.params = params
         self.plan = plan
         self.config = inference_config or InferenceConfig()
@@ -124,8 +125,10 @@ class Predictor:
         probabilities = self.probabilities(image)  # (K, *preprocessed spatial)
         restored = restore_geometry(probabilities, properties, kind="probabilities")
         label_array = np.argmax(np.stack([v.array for v in restored]), axis=0).astype(np.uint8)
-        if self.largest_component:
+        if self.largest_component is True:
             label_array = keep_largest_component(label_array).astype(np.uint8)
+        elif self.largest_component:  # a list of class ids
+            label_array = keep_largest_component(label_array, classes=list(self.largest_component)).astype(np.uint8)
         label = io.Volume(label_array, restored[0].affine, {"source": images[0].metadata.get("source")})
         voxel_ml = _voxel_volume_ml(label)
         counts = np.bincount(label_array.ravel(), minlength=int(self.plan["num_classes"]))
@@ -137,7 +140,8 @@ class Predictor:
             "preprocessed_shape": list(properties["shape_after_resample"]),
             "volume_ml": {name: float(counts[value] * voxel_ml) for name, value in self.plan["labels"].items()
                           if value > 0},
-            "largest_component": self.largest_component,
+            "largest_component": self.largest_component if isinstance(self.largest_component, bool)
+            else list(self.largest_component),
         }
         return Prediction(label, restored if return_probabilities else None, summary)
 

@@ -16,7 +16,9 @@ Implementations (all exact reformulations; they differ in rounding only):
   convolution and above all its 2D gradients are much faster than the 3D ones (a strided 3D conv's
   input gradient, an lhs-dilated conv, was ~20x slower; see ``benchmarks/RESULTS.md``).
 - ``depth_stack``: the depth taps concatenated along channels, then one 2D conv with ``k_0 * C_in``
-  input channels: fewer, larger 2D convs than ``depth_sum``, at the price of a ``k_0``-fold copy.
+  input channels: fewer, larger 2D convs than ``depth_sum``, at the price of a ``k_0``-fold copy of
+  the input (kept for the backward pass: more activation memory). The CPU default (fastest in the
+  measured nnU-Net 3D training step).
 
 Inputs with fewer than 3 spatial axes take the ``xla`` path under every name (there is no smaller conv
 to reduce to that XLA would run faster).

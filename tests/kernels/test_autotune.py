@@ -14,7 +14,7 @@ CASE = OpCase("conv", (1, 4, 6, 6, 2), (3, 3, 3, 2, 3), (1, 1, 1))
 
 
 def test_resolve_auto_per_backend_and_explicit_names():
-    assert resolve("conv", "auto", "cpu") == "depth_sum"
+    assert resolve("conv", "auto", "cpu") == "depth_stack"
     assert resolve("conv", "auto", "cuda") == "xla"  # CUDA and ROCm are "gpu"
     assert resolve("upsample", "auto", "tpu") == "matmul"
     assert resolve("upsample", "auto", "some-new-backend") == "matmul"

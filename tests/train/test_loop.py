@@ -162,8 +162,15 @@ def test_predict_and_evaluate_with_the_trained_run(store_dir, uninterrupted, tmp
     dataset = store_dir.parent / "raw" / "Dataset001_SynthLiver"
     out = tmp_path / "pred"
     assert main(["predict", "--model", str(uninterrupted[0]), "-i", str(dataset / "imagesTr"), "-o", str(out),
-                 "--quiet", "--mirror-axes", "0", "--largest-component"]) == 0
+                 "--quiet", "--mirror-axes", "0", "--largest-component", "1"]) == 0
     assert "predicted 5 case(s)" in capsys.readouterr().out
+    from scipy import ndimage
+
+    from medseg_jax.data.io import read_nifti
+
+    for path in out.glob("*.nii.gz"):  # class 1 kept to one component (full connectivity)
+        liver = read_nifti(path).array == 1
+        assert ndimage.label(liver, np.ones((3, 3, 3)))[1] <= 1
     for label in sorted((dataset / "labelsTr").iterdir()):
         shape, affine = read_nifti_header(out / label.name)
         ref_shape, ref_affine = read_nifti_header(label)
