@@ -122,7 +122,34 @@ def cmd_predict(args) -> int:
         volumes = ", ".join(f"{name} {ml:.1f} mL" for name, ml in summary.get("volume_ml", {}).items())
         print(f"{summary.get('case', '?')}: {summary.get('seconds', 0):.1f} s; {volumes}")
     print(f"predicted {len(summaries)} case(s) -> {args.output}")
+    if args.report:
+        names = {int(v): k for k, v in plan["labels"].items()}
+        for image_path, label_path in predicted_pairs(args.input, args.output, len(plan["channel_names"])):
+            picture = report_picture(label_path, names, image_path=image_path)
+            print(f"report: {picture}")
     return 0
+
+
+def predicted_pairs(input_path: Path, output_path: Path, num_channels: int):
+    """(first-channel image, predicted label file) of each case ``predict`` wrote."""
+    from medseg_jax.data.io import is_nifti
+    from medseg_jax.inference.predict import find_cases
+
+    if input_path.is_dir() and any(is_nifti(p) for p in input_path.iterdir()):
+        return [(paths[0], output_path / f"{case}.nii.gz") for case, paths in find_cases(input_path, num_channels).items()]
+    return [(input_path, output_path)]
+
+
+def report_picture(label_path: Path, class_names: dict, image_path=None, reference_path=None) -> Path:
+    """Write ``<label folder>/report/<case>.png`` (three views per class) for one predicted label file."""
+    from medseg_jax.data.io import read_image, read_nifti
+    from medseg_jax.report import report_case
+
+    case = label_path.name.removesuffix(".gz").removesuffix(".nii")
+    target = label_path.parent / "report" / f"{case}.png"
+    return report_case(read_nifti(label_path), target, image=None if image_path is None else read_image(image_path),
+                       reference=None if reference_path is None else read_nifti(reference_path),
+                       class_names=class_names, title=case)
 
 
 def cmd_evaluate(args) -> int:
@@ -136,6 +163,16 @@ def cmd_evaluate(args) -> int:
     written = write_evaluation(out, rows, summary)
     print(format_table(summary))
     print(f"wrote {written['metrics']} and {written['summary']}")
+    if args.report:
+        from medseg_jax.inference.predict import find_cases
+
+        names = {v: k for k, v in (labels or {}).items()}
+        images = find_cases(args.images, 1) if args.images else {}
+        for case in sorted({row["case"] for row in rows}):
+            image = images.get(case, [None])[0]
+            picture = report_picture(Path(args.pred) / f"{case}.nii.gz", names, image_path=image,
+                                     reference_path=Path(args.ref) / f"{case}.nii.gz")
+            print(f"report: {picture}")
     return 0
 
 
@@ -220,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep only the largest connected component of these classes (no value: every class)")
     p.add_argument("--memory-bounded", action="store_true", help="accumulate windows on the host (large scans)")
     p.add_argument("--skip-existing", action="store_true", help="skip cases whose output exists")
+    p.add_argument("--report", action="store_true",
+                   help="also write report/<case>.png: axial, coronal and sagittal views through each class")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_predict)
 
@@ -235,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--surface", choices=("element", "voxel"), default="element",
                    help="surface definition: element = surface elements (DeepMind, default); voxel = MONAI edge voxels")
     p.add_argument("--out", type=Path, default=None, help="output folder (default PRED/evaluation)")
+    p.add_argument("--report", action="store_true",
+                   help="write PRED/report/<case>.png: prediction and reference contours in three views")
+    p.add_argument("--images", type=Path, default=None,
+                   help="with --report: the images folder ({case}_0000.nii.gz) to draw under the contours")
     p.add_argument("--workers", type=int, default=1, help="worker processes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_evaluate)

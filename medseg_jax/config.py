@@ -81,7 +81,8 @@ class TrainConfig:
     checkpoint_every: int = field(250, "steps between checkpoints (one is always written at the end)")
     keep_checkpoints: int = field(2, "latest checkpoints kept (the best by validation Dice is kept too)")
     val_every: int = field(250, "steps between validations on the fold's validation cases")
-    val_batches: int = field(4, "validation batches (patches from the validation cases) per validation")
+    val_mode: Literal["sliding_window", "patches"] = field("sliding_window", "validate on whole cases (sliding window, no mirroring) or on patches")
+    val_batches: int = field(4, "validation batches per validation (val_mode: patches)")
     deterministic: bool = field(False, "ask XLA for deterministic (slower) GPU kernels")
     loss: LossConfig = field(LossConfig(), "loss terms")
 

@@ -3,8 +3,8 @@
 ``train(config, store_dir, run_dir, fold)``: builds the mesh and the sharded, jitted step, restores
 the newest readable checkpoint of ``run_dir`` if there is one (state, rng, learning-rate position and
 data stream: a resumed run ends with the same parameters as an uninterrupted one), then steps with a
-progress bar, appends metrics to ``metrics.jsonl``, validates every ``val_every`` steps (patch-level
-Dice on the fold's validation cases and nnU-Net's pseudo-Dice EMA), redraws ``training_curve.png``,
+progress bar, appends metrics to ``metrics.jsonl``, validates every ``val_every`` steps (Dice on the
+fold's whole validation cases by sliding window, or on patches, and nnU-Net's pseudo-Dice EMA), redraws ``training_curve.png``,
 checkpoints every ``checkpoint_every`` steps and at the end. SIGTERM / SIGINT save a checkpoint and
 return cleanly; a non-finite loss stops with the step number (or is skipped, by config).
 """
@@ -86,6 +86,29 @@ def validate(eval_fn, params, batches, shardings) -> dict:
             "val_dice": float(np.nanmean(dice[1:])) if np.any(~np.isnan(dice[1:])) else 0.0}
 
 
+def validate_cases(model, params, plan: dict, config, store, case_ids, mesh) -> dict:
+    """Whole-case validation: sliding window (no mirroring, windows accumulated on the host so one
+    program serves every case shape) on each preprocessed validation case; Dice per class from the
+    counts pooled over the cases."""
+    import dataclasses
+
+    from medseg_jax.inference.predict import Predictor
+
+    inference = dataclasses.replace(config.inference, mirror_axes=())
+    predictor = Predictor(model, params, plan, inference, accumulate="host", mesh=mesh)
+    num_classes = int(plan["num_classes"])
+    totals = np.zeros((3, num_classes))
+    for case_id in case_ids:
+        image, label = store.read_case(case_id)
+        prediction = np.argmax(predictor.probabilities(image), axis=0)
+        for k in range(num_classes):
+            pred, ref = prediction == k, label == k
+            totals[:, k] += [np.sum(pred & ref), np.sum(pred & ~ref), np.sum(~pred & ref)]
+    dice = dice_from_counts(*totals)
+    return {"val_dice_per_class": [None if np.isnan(d) else float(d) for d in dice],
+            "val_dice": float(np.nanmean(dice[1:])) if np.any(~np.isnan(dice[1:])) else 0.0}
+
+
 def plot_curves(run_dir: Path, entries: list[dict]) -> None:
     from medseg_jax.report import plot_training_curve
 
@@ -127,6 +150,7 @@ def train(config, store_dir, run_dir, fold: int = 0, resume: bool = True, progre
     run_dir, store = Path(run_dir), CaseStore(store_dir)
     plan = setup.store_plan(store_dir)
     config = setup.resolve_config(config, plan)
+    plan = setup.run_plan(plan, config)
     split = setup.store_fold(store, fold)
     main = parallel.is_main_process()
     if main:
@@ -217,11 +241,14 @@ def train(config, store_dir, run_dir, fold: int = 0, resume: bool = True, progre
                         "grad_norm": float(metrics["grad_norm"]), "seconds": round(time.perf_counter() - started, 3)})
             val_dice = None
             if split["val"] and (done % config.train.val_every == 0 or done == steps):
-                val_batches = iter(make_train_loader(store, split["val"], config.data.patch_size, per_host_batch,
-                                                     config.data.foreground_fraction, seed=VALIDATION_SEED,
-                                                     shard_index=jax.process_index(), shard_count=jax.process_count()))
-                result = validate(eval_fn, state.params, (next(val_batches) for _ in range(config.train.val_batches)),
-                                  batch_shardings)
+                if config.train.val_mode == "sliding_window":
+                    result = validate_cases(model, state.params, plan, config, store, split["val"], mesh)
+                else:
+                    val_batches = iter(make_train_loader(
+                        store, split["val"], config.data.patch_size, per_host_batch, config.data.foreground_fraction,
+                        seed=VALIDATION_SEED, shard_index=jax.process_index(), shard_count=jax.process_count()))
+                    result = validate(eval_fn, state.params,
+                                      (next(val_batches) for _ in range(config.train.val_batches)), batch_shardings)
                 pseudo_dice = result["val_dice"] if pseudo_dice is None else (
                     PSEUDO_DICE_MOMENTUM * pseudo_dice + (1 - PSEUDO_DICE_MOMENTUM) * result["val_dice"])
                 val_dice = pseudo_dice

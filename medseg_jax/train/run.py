@@ -69,8 +69,13 @@ def environment() -> dict:
     }
 
 
+def run_plan(plan: dict, config) -> dict:
+    """The plan as this run uses it: patch and batch size as trained (prediction uses the same patch)."""
+    return plan | {"patch_size": list(config.data.patch_size), "batch_size": int(config.data.batch_size)}
+
+
 def write_run_files(run_dir: Path, config, plan: dict, fold: int) -> None:
-    """config.yaml, plan.json and environment.json (seed, versions) in the run folder."""
+    """config.yaml, plan.json (the run's plan) and environment.json (seed, versions) in the run folder."""
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
     write_json_atomic(run_dir / PLAN_NAME, plan)

@@ -162,7 +162,7 @@ def test_predict_and_evaluate_with_the_trained_run(store_dir, uninterrupted, tmp
     dataset = store_dir.parent / "raw" / "Dataset001_SynthLiver"
     out = tmp_path / "pred"
     assert main(["predict", "--model", str(uninterrupted[0]), "-i", str(dataset / "imagesTr"), "-o", str(out),
-                 "--quiet", "--mirror-axes", "0", "--largest-component", "1"]) == 0
+                 "--quiet", "--mirror-axes", "0", "--largest-component", "1", "--report"]) == 0
     assert "predicted 5 case(s)" in capsys.readouterr().out
     from scipy import ndimage
 
@@ -176,8 +176,12 @@ def test_predict_and_evaluate_with_the_trained_run(store_dir, uninterrupted, tmp
         ref_shape, ref_affine = read_nifti_header(label)
         assert shape == ref_shape
         np.testing.assert_allclose(affine, ref_affine, atol=1e-5)
+    assert len(list((out / "report").glob("*.png"))) == 5
+    (out / "report").rename(tmp_path / "predict_report")
     assert main(["evaluate", "--pred", str(out), "--ref", str(dataset / "labelsTr"), "--labels",
-                 str(dataset / "dataset.json"), "--quiet"]) == 0
+                 str(dataset / "dataset.json"), "--quiet", "--report", "--images", str(dataset / "imagesTr")]) == 0
+    assert sorted(p.name for p in (out / "report").glob("*.png")) == sorted(
+        p.name.replace(".nii.gz", ".png") for p in (dataset / "labelsTr").iterdir())
     summary = json.loads((out / "evaluation" / "summary.json").read_text())
     assert "liver" in json.dumps(summary)
 
