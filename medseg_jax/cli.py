@@ -176,6 +176,15 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_benchmark(args) -> int:
+    try:
+        from benchmarks.__main__ import main as benchmark_main
+    except ImportError as exc:
+        raise MedsegError("the benchmark suite lives in the repository's benchmarks/ folder: install medseg-jax "
+                          f"from a clone (pip install -e .) to run it ({exc})") from exc
+    return benchmark_main(args.suite_args)
+
+
 def cmd_demo(args) -> int:
     from medseg_jax.demo import run_demo
 
@@ -282,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_evaluate)
 
+    # the suite parses its own flags (--preset smoke|nnunet --dims --dtypes --ops --runs --out --no-torch)
+    p = sub.add_parser("benchmark", help="time convs, upsampling, U-Net steps and inference (benchmarks/)",
+                       add_help=False)
+    p.set_defaults(handler=cmd_benchmark)
+
     p = sub.add_parser("config", help="print the resolved run config (defaults + file + overrides)")
     add_config_args(p)
     p.set_defaults(handler=cmd_config)
@@ -289,7 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "benchmark":
+        args.suite_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.handler(args)
     except MedsegError as exc:

@@ -107,3 +107,10 @@ def test_train_without_a_store_plan_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "store").mkdir()
     assert main(["train", "--data", str(tmp_path / "store"), "--out", str(tmp_path / "run")]) == 2
     assert "plan.json" in capsys.readouterr().err
+
+
+def test_benchmark_command_runs_the_suite_in_smoke_mode(tmp_path, capsys):
+    assert main(["benchmark", "--preset", "smoke", "--dims", "2", "--ops", "upsample", "--runs", "1", "--no-torch",
+                 "--out", str(tmp_path)]) == 0
+    assert "upsample" in capsys.readouterr().out
+    assert list(tmp_path.glob("*.json")) and list(tmp_path.glob("*.md"))
