@@ -26,6 +26,7 @@ def build_unet(model_config, deep_supervision: bool | None = None) -> UNet:
         n_blocks_per_stage=c.n_blocks_per_stage,
         deep_supervision=c.deep_supervision if deep_supervision is None else deep_supervision,
         upsample_implementation=c.upsample_implementation,
+        conv_implementation=c.conv_implementation,
         remat_encoder=c.remat_encoder,
         dtype=DTYPES[c.dtype],
         param_dtype=DTYPES[c.param_dtype],
