@@ -25,12 +25,13 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import platform
 import statistics
 import sys
 import time
 
 import numpy as np
+
+from benchmarks.suite import machine_info
 
 _WORKER = {}
 
@@ -169,20 +170,6 @@ def bench_train_steps(patch, batch, channels, repeats):
             for name, (_, info) in members.items()}
 
 
-def machine_description():
-    import jax
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return dict(cpu=cpu, cores=os.cpu_count(), device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
-                python=platform.python_version(), jax=jax.__version__, numpy=np.__version__,
-                scipy=__import__("scipy").__version__, load_average=os.getloadavg())
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--patch", type=int, nargs="+", default=[128, 128, 128], help="output patch (spatial)")
@@ -203,7 +190,7 @@ def main(argv=None):
     step_patch = tuple(args.step_patch or args.patch)
 
     result = dict(command="python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-                  machine=machine_description(), patch=patch, batch=args.batch, channels=args.channels)
+                  machine=machine_info(), patch=patch, batch=args.batch, channels=args.channels)
     print(f"part A at {patch}: CPU pool, one process, device", file=sys.stderr, flush=True)
     result["cpu_pool"] = bench_cpu_pool(patch, args.batch, args.channels, args.workers, args.cpu_batches, args.repeats)
     result["cpu_sample"] = bench_cpu_sample(patch, args.channels, args.cpu_samples)

@@ -21,27 +21,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
-import platform
 import statistics
 import sys
 import time
 
 import numpy as np
 
-
-def machine_description() -> dict:
-    import jax
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "device": str(jax.devices()[0].device_kind),
-            "backend": jax.default_backend(), "python": platform.python_version(), "jax": jax.__version__,
-            "numpy": np.__version__, "load_average": [round(x, 2) for x in os.getloadavg()]}
+from benchmarks.suite import machine_info
 
 
 def loop_baseline(apply, params, image, patch, mirror: bool) -> np.ndarray:
@@ -133,7 +119,7 @@ def main(argv=None):
                                        else float(np.abs(outputs[row["mode"], row["tta"]] - reference).max()))
 
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    result = {"command": command, "machine": machine_description(), "shape": shape, "patch": patch,
+    result = {"command": command, "machine": machine_info(), "shape": shape, "patch": patch,
               "features": args.features, "batch": args.batch, "classes": args.classes, "repeats": args.repeats,
               "rows": rows}
     print(f"sliding window, scan {shape}, patch {patch}, U-Net features {args.features}, batch {args.batch}")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import jax
+import numpy as np
 
 from benchmarks import cases, torch_baseline
 from benchmarks.report import markdown_report
@@ -29,12 +30,22 @@ DEFAULT_RUNS = {"smoke": 2, "nnunet": 3}
 MATMUL_SIZE = {"smoke": 256, "nnunet": 2048}
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine_info() -> dict:
     device = jax.devices()[0]
     info = {
         "platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
         "backend": jax.default_backend(), "device_kind": device.device_kind, "device_count": jax.device_count(),
-        "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "cpu_count": os.cpu_count(), "cpu": cpu_model(), "numpy": np.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
     try:
         info["load_average"] = os.getloadavg()
