@@ -15,6 +15,16 @@ from typing import Any, Iterator
 import numpy as np
 
 
+def current_umask() -> int:
+    """The process umask (reading it means setting it; done once at import, before threads start)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = current_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on normal exit rename it to ``path``, on error delete it.
@@ -29,6 +39,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     os.close(fd)
     try:
         yield Path(tmp_name)
+        # mkstemp creates 0600 files; give the result the permissions a plain open() would have
+        os.chmod(tmp_name, 0o666 & ~_UMASK)
         os.replace(tmp_name, path)
     finally:
         if os.path.exists(tmp_name):
