@@ -93,6 +93,7 @@ def validate_cases(model, params, plan: dict, config, store, case_ids, mesh) -> 
     import dataclasses
 
     from medseg_jax.inference.predict import Predictor
+    from medseg_jax.metrics.overlap import overlap_counts
 
     inference = dataclasses.replace(config.inference, mirror_axes=())
     predictor = Predictor(model, params, plan, inference, accumulate="host", mesh=mesh)
@@ -102,8 +103,7 @@ def validate_cases(model, params, plan: dict, config, store, case_ids, mesh) -> 
         image, label = store.read_case(case_id)
         prediction = np.argmax(predictor.probabilities(image), axis=0)
         for k in range(num_classes):
-            pred, ref = prediction == k, label == k
-            totals[:, k] += [np.sum(pred & ref), np.sum(pred & ~ref), np.sum(~pred & ref)]
+            totals[:, k] += overlap_counts(prediction == k, label == k)
     dice = dice_from_counts(*totals)
     return {"val_dice_per_class": [None if np.isnan(d) else float(d) for d in dice],
             "val_dice": float(np.nanmean(dice[1:])) if np.any(~np.isnan(dice[1:])) else 0.0}
@@ -158,7 +158,6 @@ def train(config, store_dir, run_dir, fold: int = 0, resume: bool = True, progre
 
     model = build_unet(config.model)
     mesh = parallel.make_mesh(config.mesh)
-    parallel.check_batch_divisible(mesh, config.data.batch_size, config.data.patch_size)
     optimizer, schedule = make_optimizer(config.train), make_lr_schedule(config.train)
     init = lambda key: create_train_state(model, optimizer, key, jax.numpy.zeros(setup.sample_input(config).shape),
                                           use_ema=config.train.ema_decay is not None)
@@ -190,7 +189,9 @@ def train(config, store_dir, run_dir, fold: int = 0, resume: bool = True, progre
                                     batch_transform=batch_transform))
     if data_state is not None:
         loader.set_state(data_state)
-    parallel.check_batch_divisible(mesh, config.data.batch_size, crop_size)
+    # what reaches the device: the crop when augmenting there, else the patch
+    parallel.check_batch_divisible(mesh, config.data.batch_size,
+                                   crop_size if augment_fn is not None else config.data.patch_size)
     step_fn = jit_train_step(make_train_step(model, optimizer, config.train.loss, lr_schedule=schedule,
                                              ema_decay=config.train.ema_decay, augment_fn=augment_fn),
                              state_shardings, batch_shardings)

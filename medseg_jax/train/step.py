@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from medseg_jax.losses import deep_supervision_loss, dice_ce_loss
+from medseg_jax.metrics.jax_overlap import overlap_counts
 from medseg_jax.train.state import TrainState, step_key
 
 
@@ -96,18 +97,9 @@ def make_eval_step(model, loss_config):
     def eval_step(params, batch):
         logits = full_resolution.apply(params, batch["image"])
         label = batch["label"]
-        num_classes = logits.shape[-1]
-        mask = jnp.ones(label.shape, bool) if kwargs["ignore_index"] is None else label != kwargs["ignore_index"]
-        pred = jax.nn.one_hot(jnp.argmax(logits, axis=-1), num_classes, dtype=jnp.float32)
-        ref = jax.nn.one_hot(label, num_classes, dtype=jnp.float32)
-        pred, ref = pred * mask[..., None], ref * mask[..., None]
-        axes = tuple(range(label.ndim))
-        return {
-            "loss": dice_ce_loss(logits, label, **kwargs),
-            "tp": jnp.sum(pred * ref, axis=axes),
-            "fp": jnp.sum(pred * (1 - ref), axis=axes),
-            "fn": jnp.sum((1 - pred) * ref, axis=axes),
-        }
+        valid = None if kwargs["ignore_index"] is None else label != kwargs["ignore_index"]
+        tp, fp, fn = overlap_counts(jnp.argmax(logits, axis=-1), label, logits.shape[-1], valid)
+        return {"loss": dice_ce_loss(logits, label, **kwargs), "tp": tp, "fp": fp, "fn": fn}
 
     return eval_step
 
