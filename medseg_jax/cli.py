@@ -189,7 +189,7 @@ def cmd_demo(args) -> int:
     from medseg_jax.demo import run_demo
 
     summary = run_demo(args.out, cases=args.cases, steps=args.steps, dim=args.dim, seed=args.seed,
-                       config_path=args.config, overrides=args.overrides, progress=not args.quiet, log=print)
+                       shape=tuple(args.shape) if args.shape else None, config_path=args.config, overrides=args.overrides, progress=not args.quiet, log=print)
     for name, values in summary["metrics"].items():
         print(f"{name}: " + ", ".join(f"{metric} {value:.3f}" for metric, value in values.items()))
     det = summary["tumour_detection"]
@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, default=None, help="synthetic cases (default from the demo config)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default from the demo config)")
     p.add_argument("--dim", type=int, choices=(2, 3), default=None, help="2D or 3D network")
+    p.add_argument("--shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="synthetic grid size (default 96 96 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of data synthesis and training")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_args(p)

@@ -29,10 +29,10 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 class DemoSettings:
     """Sizes of the demo; the defaults are chosen to finish in minutes on 2 CPU cores (README)."""
 
-    cases: int = 20
+    cases: int = 40
     steps: int = 1500
     dim: int = 2
-    shape: tuple[int, ...] = (64, 64, 32)
+    shape: tuple[int, ...] = (96, 96, 32)
 
 
 def copy_heldout(dataset, case_ids, target: Path) -> tuple[Path, Path]:
@@ -60,7 +60,7 @@ def tumour_slice(reference_ras: np.ndarray, tumour: int) -> int:
     return reference_ras.shape[2] // 2
 
 
-def run_demo(out_dir, cases=None, steps=None, dim=None, seed=0, config_path=None, overrides=(), progress=True,
+def run_demo(out_dir, cases=None, steps=None, dim=None, seed=0, shape=None, config_path=None, overrides=(), progress=True,
              log=lambda message: None) -> dict:
     """Run every stage into ``out_dir`` and return the summary (also written to ``report/summary.json``)."""
     import jax
@@ -79,13 +79,12 @@ def run_demo(out_dir, cases=None, steps=None, dim=None, seed=0, config_path=None
     from medseg_jax.train.run import load_run
 
     settings = DemoSettings()
-    settings = dataclasses.replace(settings, **{k: v for k, v in dict(cases=cases, steps=steps, dim=dim).items()
+    settings = dataclasses.replace(settings, **{k: v for k, v in dict(cases=cases, steps=steps, dim=dim, shape=shape).items()
                                                 if v is not None})
     config = load_config(config_path or DEFAULT_CONFIG,
                          [f"train.steps={settings.steps}", f"train.seed={seed}", f"data.seed={seed}", *overrides])
     out = Path(out_dir)
-    report_dir = out / "report"
-    report_dir.mkdir(parents=True, exist_ok=True)
+    report_dir = out / "report"  # created once there is something to report (bad settings leave nothing)
     timings, started = {}, time.perf_counter()
 
     def stage(name, t0):
@@ -106,7 +105,7 @@ def run_demo(out_dir, cases=None, steps=None, dim=None, seed=0, config_path=None
     budget = (config.data.batch_size or 2) * float(np.prod(patch)) if patch else 2 * float(np.prod(settings.shape))
     plan = make_plan(compute_fingerprint(dataset), dim=settings.dim, voxel_budget=budget, hu_window=(-175.0, 250.0))
     save_json(plan, out / "plan.json")
-    store = CaseStore(out / "store", chunk_shape=(64, 64, 1) if settings.dim == 2 else None)
+    store = CaseStore(out / "store", chunk_shape=(*settings.shape[:2], 1) if settings.dim == 2 else None)
     preprocess_dataset(dataset, plan, store, progress=progress)
     save_json(plan, out / "store" / "plan.json")
     stage("plan+preprocess", t0)
@@ -124,6 +123,7 @@ def run_demo(out_dir, cases=None, steps=None, dim=None, seed=0, config_path=None
     stage("predict", t0)
 
     t0 = time.perf_counter()
+    report_dir.mkdir(parents=True, exist_ok=True)
     rows, evaluation = evaluate_folders(out / "predictions", labels_dir, labels=dict(plan["labels"]),
                                         nsd_tolerance_mm=2.0 * max(plan["target_spacing"][:2]), progress=False)
     write_evaluation(report_dir, rows, evaluation)
@@ -133,7 +133,7 @@ def run_demo(out_dir, cases=None, steps=None, dim=None, seed=0, config_path=None
     classes = evaluation["classes"]
     summary = {
         "metrics": {name: {metric: classes[name][metric]["mean"] for metric in ("dice", "hd95", "nsd")}
-                    for name in classes},
+                    | {"dice_global": classes[name]["dice_global"]} for name in classes},
         "tumour_detection": lesions,
         "heldout_cases": heldout,
         "settings": dataclasses.asdict(settings) | {"seed": seed, "train_steps_run": result["step"]},

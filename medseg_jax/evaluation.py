@@ -14,7 +14,11 @@ Aggregation over cases, per class and metric (stated in ``summary.json``): ``mea
 ``count`` is the number of such cases, ``count_nan`` the others. An inf (one mask empty under the
 surface-distance conventions) is kept: it makes the mean inf and the std NaN, the median is robust to it,
 and ``count_inf`` says how many there are. ``foreground_mean`` is the mean of the class means (NaN-skipping).
-``unmatched_predictions`` lists predictions without a reference (not evaluated). In ``summary.json`` NaN is
+``dice_global`` pools the voxels of every case, ``2 sum(TP) / (2 sum(TP) + sum(FP) + sum(FN))`` (the LiTS
+challenge's "Dice global", next to its "Dice per case" = ``dice.mean``): big structures weigh more, and a
+case whose small lesion is missed does not drag it to 0 as it does the per-case mean; NaN when no case has
+the class in the reference or the prediction. ``unmatched_predictions`` lists predictions without a
+reference (not evaluated). In ``summary.json`` NaN is
 written as null and inf as the string "inf"; ``metrics.csv`` writes "nan" / "inf".
 """
 
@@ -156,6 +160,7 @@ def summarize(rows: list[dict], labels: dict[str, int], settings: dict) -> dict:
         entry: dict = {"label": value}
         for metric in AGGREGATED:
             entry[metric] = _aggregate([r[metric] for r in rows if r["label"] == value])
+        entry["dice_global"] = pooled_dice([r for r in rows if r["label"] == value])
         per_class[name] = entry
     foreground = {}
     for metric in SCORES:
@@ -180,6 +185,12 @@ def summarize(rows: list[dict], labels: dict[str, int], settings: dict) -> dict:
     }
 
 
+def pooled_dice(rows: list[dict]) -> float:
+    """Dice of the voxels of all ``rows`` together (their ``tp``, ``fp``, ``fn`` counts); NaN if all empty."""
+    tp, fp, fn = (sum(int(r[k]) for r in rows) for k in ("tp", "fp", "fn"))
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
+
+
 def write_evaluation(out_dir: str | os.PathLike, rows: list[dict], summary: dict) -> dict[str, Path]:
     """Write ``metrics.csv`` and ``summary.json`` into ``out_dir``, each atomically; returns their paths."""
     out_dir = Path(out_dir)
@@ -196,15 +207,17 @@ def write_evaluation(out_dir: str | os.PathLike, rows: list[dict], summary: dict
 def format_table(summary: dict) -> str:
     """A plain-text table of the class means (+- std) of every score and the mean volume difference."""
     conventions = summary["conventions"]
-    headers = ["class", "cases", "Dice", "IoU", "HD95 mm", "ASSD mm", f"NSD@{conventions['nsd_tolerance_mm']:g}mm",
+    headers = ["class", "cases", "Dice", "global Dice", "IoU", "HD95 mm", "ASSD mm", f"NSD@{conventions['nsd_tolerance_mm']:g}mm",
                f"dVol {conventions['volume_unit']}"]
     lines = []
     for name, entry in summary["classes"].items():
         nan = entry["dice"]["count_nan"]
         cases = f"{entry['dice']['count']}" + (f" (+{nan} NaN)" if nan else "")
-        lines.append([name, cases] + [_mean_std(entry[m]) for m in (*SCORES, "volume_diff")])
+        scores = [_mean_std(entry[m]) for m in (*SCORES, "volume_diff")]
+        lines.append([name, cases, scores[0], f"{entry['dice_global']:.4f}", *scores[1:]])
     fg = summary["foreground_mean"]
-    lines.append(["mean", ""] + [f"{fg[m]:.4g}" for m in SCORES] + [""])
+    fg_scores = [f"{fg[m]:.4g}" for m in SCORES]
+    lines.append(["mean", "", fg_scores[0], "", *fg_scores[1:], ""])
     widths = [max(len(str(row[i])) for row in [headers] + lines) for i in range(len(headers))]
     text = [" ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [headers] + lines]
     text.append(f"empty masks: {conventions['empty']} ({conventions['empty_description']}); "

@@ -41,6 +41,13 @@ def test_every_subcommand_has_help(capsys):
         assert "usage: medseg-jax " + command in capsys.readouterr().out
 
 
+def test_demo_rejects_a_bad_grid_before_writing_anything(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--shape", "96", "96", "4", "--quiet"]) == 2
+    assert "shape" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def run_reduced_demo(out):
     return main(["demo", "--out", str(out), "--cases", "5", "--steps", "4", "--quiet", "--set", "data.batch_size=2"])
 
@@ -54,7 +61,7 @@ def test_demo_reduced_end_to_end_and_repeatable(tmp_path, capsys):
     report = out / "report"
     summary = json.loads((report / "summary.json").read_text())
     assert set(summary["metrics"]) == {"liver", "tumour"}
-    assert set(summary["metrics"]["liver"]) == {"dice", "hd95", "nsd"}
+    assert set(summary["metrics"]["liver"]) == {"dice", "dice_global", "hd95", "nsd"}
     assert summary["tumour_detection"]["reference_lesions"] >= 1
     assert (report / "training_curve.png").stat().st_size > 1000
     overlays = sorted(report.glob("overlay_*.png"))

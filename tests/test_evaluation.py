@@ -61,6 +61,12 @@ def test_round_trip_matches_the_array_metrics(folders, tmp_path):
     assert summary["classes"]["liver"]["dice"]["mean"] == pytest.approx(np.mean(dice))
     assert summary["classes"]["liver"]["dice"]["std"] == pytest.approx(np.std(dice))
     assert summary["conventions"]["empty"] == "nnunet" and summary["conventions"]["volume_unit"] == "mL"
+    # global Dice pools the voxels: recomputed here from the masks themselves
+    masks = [(arrays[c][0] == 2, arrays[c][1] == 2) for c in sorted(arrays)]
+    overlap = sum(int((p & r).sum()) for p, r in masks)
+    total = sum(int(p.sum() + r.sum()) for p, r in masks)
+    assert tumour["dice_global"] == pytest.approx(2 * overlap / total)
+    assert tumour["dice_global"] > tumour["dice"]["mean"]  # case_c's missed tumour counts by its size only
 
     paths = write_evaluation(tmp_path / "eval", rows, summary)
     with open(paths["metrics"], newline="") as f:
@@ -71,7 +77,8 @@ def test_round_trip_matches_the_array_metrics(folders, tmp_path):
     assert stored["classes"]["tumour"]["hd95"]["mean"] == "inf"
     assert stored["classes"]["tumour"]["hd95"]["std"] is None
     table = format_table(summary)
-    assert "liver" in table and "tumour" in table and "nnunet" in table
+    assert "liver" in table and "tumour" in table and "nnunet" in table and "global Dice" in table
+    assert f"{tumour['dice_global']:.4f}" in table
 
 
 def test_labels_default_to_values_in_the_references(folders):
