@@ -189,7 +189,8 @@ def cmd_demo(args) -> int:
     from medseg_jax.demo import run_demo
 
     summary = run_demo(args.out, cases=args.cases, steps=args.steps, dim=args.dim, seed=args.seed,
-                       shape=tuple(args.shape) if args.shape else None, config_path=args.config, overrides=args.overrides, progress=not args.quiet, log=print)
+                       shape=tuple(args.shape) if args.shape else None, config_path=args.config, overrides=args.overrides, progress=not args.quiet,
+                       overwrite=args.overwrite, log=print)
     for name, values in summary["metrics"].items():
         print(f"{name}: " + ", ".join(f"{metric} {value:.3f}" for metric, value in values.items()))
     det = summary["tumour_detection"]
@@ -212,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic grid size (default 96 96 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of data synthesis and training")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier demo in --out (by default a demo of other settings is refused and one "
+                        "of the same settings resumes)")
     add_config_args(p)
     p.set_defaults(handler=cmd_demo)
 

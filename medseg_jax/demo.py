@@ -15,6 +15,7 @@ Stages (each is what a user runs by hand; ``report/README.md`` lists the command
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import time
@@ -23,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+# What the demo writes into its folder; ``--overwrite`` removes exactly these, nothing else.
+DEMO_OUTPUTS = ("raw", "store", "run", "heldout", "predictions", "report", "plan.json", "demo.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +63,50 @@ def tumour_slice(reference_ras: np.ndarray, tumour: int) -> int:
     return reference_ras.shape[2] // 2
 
 
-def run_demo(out_dir, cases=None, steps=None, dim=None, seed=0, shape=None, config_path=None, overrides=(), progress=True,
-             log=lambda message: None) -> dict:
-    """Run every stage into ``out_dir`` and return the summary (also written to ``report/summary.json``)."""
+def claim_demo_folder(out: Path, record: dict, overwrite: bool = False) -> None:
+    """Make ``out`` the folder of the demo described by ``record`` (its settings), before anything is written.
+
+    A new or empty folder is taken. A folder of an earlier demo with the same settings is reused: the
+    dataset is rewritten identically and training resumes from its last checkpoint (a killed demo goes
+    on where it stopped). A demo folder of other settings is refused unless ``overwrite``, which first
+    removes the demo's own outputs (:data:`DEMO_OUTPUTS`); a non-empty folder that is not a demo folder
+    is always refused, so a mistyped ``--out`` never touches a user's files.
+    """
+    from medseg_jax.atomic import write_json_atomic
+    from medseg_jax.errors import ConfigError
+
+    marker = out / "demo.json"
+    if out.is_dir() and any(out.iterdir()):
+        if not marker.is_file():
+            raise ConfigError(f"{out}: the folder is not empty and holds no demo (no demo.json); choose another --out")
+        try:
+            previous = json.loads(marker.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{marker}: unreadable demo record ({exc}); use --overwrite to start afresh") from None
+        if overwrite:
+            for name in DEMO_OUTPUTS:
+                path = out / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                elif path.exists() or path.is_symlink():
+                    path.unlink()
+        elif previous != record:
+            changed = sorted(k for k in record.keys() | previous.keys() if record.get(k) != previous.get(k))
+            raise ConfigError(f"{out}: holds a demo with other settings ({', '.join(changed)} differ); "
+                              "use another --out, or --overwrite to replace it")
+    elif out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(marker, record)
+
+
+def run_demo(out_dir, cases=None, steps=None, dim=None, seed=0, shape=None, config_path=None, overrides=(),
+             progress=True, overwrite=False, log=lambda message: None) -> dict:
+    """Run every stage into ``out_dir`` and return the summary (also written to ``report/summary.json``).
+
+    ``out_dir`` must be new, empty, or the folder of a demo with the same settings (see
+    :func:`claim_demo_folder`; ``overwrite`` replaces a demo of other settings).
+    """
     import jax
 
     from medseg_jax.atomic import write_json_atomic
@@ -72,7 +116,8 @@ def run_demo(out_dir, cases=None, steps=None, dim=None, seed=0, shape=None, conf
     from medseg_jax.data.plan import make_plan
     from medseg_jax.data.preprocess import preprocess_dataset
     from medseg_jax.data.store import CaseStore
-    from medseg_jax.data.synthetic import write_synthetic_dataset
+    from medseg_jax.data.synthetic import check_phantom_shape, write_synthetic_dataset
+    from medseg_jax.errors import ConfigError
     from medseg_jax.evaluation import evaluate_folders, format_table, write_evaluation
     from medseg_jax.inference.predict import predict_input
     from medseg_jax.train.loop import train
@@ -83,8 +128,14 @@ def run_demo(out_dir, cases=None, steps=None, dim=None, seed=0, shape=None, conf
                                                 if v is not None})
     config = load_config(config_path or DEFAULT_CONFIG,
                          [f"train.steps={settings.steps}", f"train.seed={seed}", f"data.seed={seed}", *overrides])
+    settings = dataclasses.replace(settings, shape=check_phantom_shape(settings.shape))
+    if settings.cases < 5 or settings.steps < 1:  # 5 folds, each with a held-out case
+        raise ConfigError(f"the demo needs --cases >= 5 (fold 0 of 5 is held out) and --steps >= 1, "
+                          f"got {settings.cases} and {settings.steps}")
     out = Path(out_dir)
-    report_dir = out / "report"  # created once there is something to report (bad settings leave nothing)
+    record = {**dataclasses.asdict(settings), "seed": seed, "config": dataclasses.asdict(config)}
+    claim_demo_folder(out, json.loads(json.dumps(record, default=str)), overwrite)
+    report_dir = out / "report"
     timings, started = {}, time.perf_counter()
 
     def stage(name, t0):
@@ -123,7 +174,7 @@ def run_demo(out_dir, cases=None, steps=None, dim=None, seed=0, shape=None, conf
     stage("predict", t0)
 
     t0 = time.perf_counter()
-    report_dir.mkdir(parents=True, exist_ok=True)
+    report_dir.mkdir(exist_ok=True)
     rows, evaluation = evaluate_folders(out / "predictions", labels_dir, labels=dict(plan["labels"]),
                                         nsd_tolerance_mm=2.0 * max(plan["target_spacing"][:2]), progress=False)
     write_evaluation(report_dir, rows, evaluation)

@@ -41,11 +41,22 @@ def test_every_subcommand_has_help(capsys):
         assert "usage: medseg-jax " + command in capsys.readouterr().out
 
 
-def test_demo_rejects_a_bad_grid_before_writing_anything(tmp_path, capsys):
+def test_demo_rejects_bad_settings_before_writing_anything(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--shape", "96", "96", "4", "--quiet"]) == 2
-    assert "shape" in capsys.readouterr().err
-    assert not out.exists()
+    for flags, named in ((["--shape", "96", "96", "4"], "shape"), (["--cases", "3"], "--cases"),
+                         (["--steps", "0"], "--steps"), (["--set", "train.no_such_key=1"], "no_such_key")):
+        assert main(["demo", "--out", str(out), "--quiet", *flags]) == 2
+        assert named in capsys.readouterr().err
+        assert not out.exists()
+
+
+def test_demo_never_writes_into_a_folder_that_is_not_a_demo(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main(["demo", "--out", str(mine), "--cases", "5", "--steps", "1", "--quiet"]) == 2
+    assert "no demo.json" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
 
 
 def run_reduced_demo(out):
@@ -80,6 +91,21 @@ def test_demo_reduced_end_to_end_and_repeatable(tmp_path, capsys):
     # the same seed gives the same metrics
     assert run_reduced_demo(tmp_path / "again") == 0
     assert (tmp_path / "again" / "report" / "metrics.csv").read_text() == (report / "metrics.csv").read_text()
+
+    # the same settings into the same folder resume the finished run: nothing retrained, same metrics
+    assert run_reduced_demo(out) == 0
+    assert json.loads((report / "summary.json").read_text())["final_loss"] == summary["final_loss"]
+    assert (tmp_path / "again" / "report" / "metrics.csv").read_text() == (report / "metrics.csv").read_text()
+    # other settings are refused before anything is touched, unless --overwrite
+    dataset_files = sorted((p.name, p.stat().st_mtime_ns) for p in (out / "raw").rglob("*"))
+    capsys.readouterr()
+    assert main(["demo", "--out", str(out), "--cases", "6", "--steps", "4", "--quiet",
+                 "--set", "data.batch_size=2"]) == 2
+    assert "cases differ" in capsys.readouterr().err
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (out / "raw").rglob("*")) == dataset_files
+    assert main(["demo", "--out", str(out), "--cases", "6", "--steps", "4", "--quiet", "--overwrite",
+                 "--set", "data.batch_size=2"]) == 0
+    assert json.loads((report / "summary.json").read_text())["settings"]["cases"] == 6
 
 
 def test_synth_plan_preprocess_from_the_command_line(tmp_path, capsys):

@@ -87,7 +87,7 @@ def make_ct_phantom(
       ``(image, label)``: ``image`` int16 HU, ``label`` uint8 (0 background, 1 liver, 2 tumour), same
       shape and affine; ``metadata`` records the seed, orientation code and number of tumours.
     """
-    shape = _check_shape(shape)
+    shape = check_phantom_shape(shape)
     seed = _check_int(seed, "phantom seed", minimum=0)
     # Independent streams, so that the anatomy of a seed is the same whatever the tumour count.
     anatomy_rng, tumour_rng, noise_rng = (
@@ -134,7 +134,7 @@ def write_synthetic_dataset(
     """
     num_cases = _check_int(num_cases, "num_cases", minimum=1)
     seed = _check_int(seed, "seed", minimum=0)
-    shape = _check_shape(shape)
+    shape = check_phantom_shape(shape)
     if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or os.sep in name:
         raise DataError(f"dataset name must be a plain folder name, got {name!r}")
     out_dir = Path(out_dir)
@@ -167,7 +167,7 @@ def write_synthetic_dataset(
     return target
 
 
-def _check_shape(shape) -> tuple[int, ...]:
+def check_phantom_shape(shape) -> tuple[int, ...]:
     try:
         dims = tuple(int(s) for s in shape)
     except (TypeError, ValueError):
