@@ -158,7 +158,7 @@ def cmd_evaluate(args) -> int:
     labels = read_labels(args.labels) if args.labels else None
     rows, summary = evaluate_folders(args.pred, args.ref, labels=labels, nsd_tolerance_mm=args.nsd_tolerance,
                                      num_workers=args.workers, progress=not args.quiet, empty=args.empty,
-                                     surface=args.surface)
+                                     surface=args.surface, inf_distance=args.inf_distance)
     out = args.out or Path(args.pred) / "evaluation"
     written = write_evaluation(out, rows, summary)
     print(format_table(summary))
@@ -288,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "whenever the reference is empty")
     p.add_argument("--surface", choices=("element", "voxel"), default="element",
                    help="surface definition: element = surface elements (DeepMind, default); voxel = MONAI edge voxels")
+    p.add_argument("--inf-distance", default=None, metavar="MM|diagonal",
+                   help="replace the inf HD95/ASSD of a one-sided empty mask by this distance in mm (BraTS: "
+                        "373.13) or by each image's diagonal (default: keep inf)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default PRED/evaluation)")
     p.add_argument("--report", action="store_true",
                    help="write PRED/report/<case>.png: prediction and reference contours in three views")

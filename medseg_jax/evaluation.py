@@ -18,7 +18,13 @@ and ``count_inf`` says how many there are. ``foreground_mean`` is the mean of th
 challenge's "Dice global", next to its "Dice per case" = ``dice.mean``): big structures weigh more, and a
 case whose small lesion is missed does not drag it to 0 as it does the per-case mean; NaN when no case has
 the class in the reference or the prediction. ``unmatched_predictions`` lists predictions without a
-reference (not evaluated). In ``summary.json`` NaN is
+reference (not evaluated).
+
+``inf_distance`` replaces the inf HD95 / ASSD of a case whose prediction or reference is empty (but
+not both) by a finite worst value before aggregating, so that means stay finite and a miss still costs:
+a distance in mm (BraTS uses 373.13 mm) or ``"diagonal"``, the physical diagonal of that case's image
+(the largest distance two of its voxels can have, as Metrics Reloaded recommends). Default None: inf is
+kept, as nnU-Net and MONAI do. In ``summary.json`` NaN is
 written as null and inf as the string "inf"; ``metrics.csv`` writes "nan" / "inf".
 """
 
@@ -103,14 +109,15 @@ def find_cases(folder: str | os.PathLike) -> dict[str, Path]:
 
 def evaluate_folders(pred_dir, ref_dir, labels: dict[str, int] | None = None,
                      nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM, num_workers: int = 1, progress: bool = True,
-                     empty: str = "nnunet", surface: str = "element", affine_tolerance: float = 1e-3
-                     ) -> tuple[list[dict], dict]:
+                     empty: str = "nnunet", surface: str = "element", affine_tolerance: float = 1e-3,
+                     inf_distance: float | str | None = None) -> tuple[list[dict], dict]:
     """Evaluate every reference in ``ref_dir`` against the prediction of the same name in ``pred_dir``.
 
     ``labels``: ``{name: value}`` of the classes to evaluate (background 0 ignored); default: every
     non-zero value found in the references, named by its value (values found only in predictions are then
     not evaluated). ``empty`` / ``surface``: see :func:`medseg_jax.metrics.segmentation_metrics`.
-    Affines must agree entry-wise within ``affine_tolerance`` (mm).
+    Affines must agree entry-wise within ``affine_tolerance`` (mm). ``inf_distance``: see the module
+    docstring (None, a distance in mm, or ``"diagonal"``).
 
     Returns ``(rows, summary)``: one row per case x class (keys :data:`COLUMNS`, cases sorted) and the
     summary described in the module docstring. Raises DataError listing the references without a
@@ -125,6 +132,7 @@ def evaluate_folders(pred_dir, ref_dir, labels: dict[str, int] | None = None,
     if not nsd_tolerance_mm >= 0:
         raise ConfigError(f"NSD tolerance must be >= 0 mm, got {nsd_tolerance_mm}")
     labels = None if labels is None else check_labels(labels)
+    inf_distance = check_inf_distance(inf_distance)
     refs, preds = find_cases(ref_dir), find_cases(pred_dir)
     if not refs:
         raise DataError(f"{ref_dir}: no reference NIfTI files (.nii.gz / .nii)")
@@ -133,7 +141,8 @@ def evaluate_folders(pred_dir, ref_dir, labels: dict[str, int] | None = None,
         raise DataError(f"{pred_dir}: no prediction for {len(missing)} reference case(s): {', '.join(missing)}")
     _check_geometry(refs, preds, affine_tolerance)
     classes = None if labels is None else sorted(labels.values())
-    jobs = [(case, str(preds[case]), str(refs[case]), classes, nsd_tolerance_mm, empty, surface) for case in refs]
+    jobs = [(case, str(preds[case]), str(refs[case]), classes, nsd_tolerance_mm, empty, surface, inf_distance)
+            for case in refs]
     with tqdm(total=len(jobs), desc="evaluate", unit="case", disable=not progress) as bar:
         results = _run(jobs, num_workers, bar)
     if labels is None:
@@ -146,7 +155,7 @@ def evaluate_folders(pred_dir, ref_dir, labels: dict[str, int] | None = None,
         for name, value in labels.items():
             metrics = per_class.get(value) or empty_case_metrics(empty)
             rows.append({"case": case, "class": name, "label": value, **metrics})
-    settings = {"nsd_tolerance_mm": nsd_tolerance_mm, "empty": empty, "surface": surface,
+    settings = {"nsd_tolerance_mm": nsd_tolerance_mm, "empty": empty, "surface": surface, "inf_distance": inf_distance,
                 "dims": sorted({dim for _, _, dim, _ in results})}
     summary = summarize(rows, labels, settings)
     summary["unmatched_predictions"] = sorted(set(preds) - set(refs))
@@ -174,6 +183,7 @@ def summarize(rows: list[dict], labels: dict[str, int], settings: dict) -> dict:
             "empty": settings["empty"],
             "empty_description": _EMPTY_DESCRIPTIONS[settings["empty"]],
             "surface": settings["surface"],
+            "inf_distance": settings.get("inf_distance"),
             "nsd_tolerance_mm": settings["nsd_tolerance_mm"],
             "hd_percentile": 95,
             "volume_unit": " / ".join(units),
@@ -220,8 +230,10 @@ def format_table(summary: dict) -> str:
     lines.append(["mean", "", fg_scores[0], "", *fg_scores[1:], ""])
     widths = [max(len(str(row[i])) for row in [headers] + lines) for i in range(len(headers))]
     text = [" ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [headers] + lines]
+    worst = conventions.get("inf_distance")
     text.append(f"empty masks: {conventions['empty']} ({conventions['empty_description']}); "
-                f"surface: {conventions['surface']}")
+                f"surface: {conventions['surface']}"
+                + ("" if worst is None else f"; inf HD95/ASSD replaced by {worst if worst == 'diagonal' else f'{worst:g} mm'}"))
     return "\n".join(text)
 
 
@@ -270,7 +282,30 @@ def _run(jobs: list, num_workers: int, bar) -> list:
     return results
 
 
-def _evaluate_case(case, pred_path, ref_path, classes, nsd_tolerance_mm, empty, surface):
+def check_inf_distance(value) -> float | str | None:
+    """``None``, ``"diagonal"`` or a distance in mm > 0 (numbers given as text are converted)."""
+    if value is None or value == "diagonal":
+        return value
+    try:
+        distance = float(value)
+    except (TypeError, ValueError):
+        distance = float("nan")
+    if not (np.isfinite(distance) and distance > 0):
+        raise ConfigError(f"inf_distance must be a distance in mm > 0 or 'diagonal', got {value!r}")
+    return distance
+
+
+def replace_infinite_distances(metrics: dict, worst_mm: float) -> dict:
+    """A copy of one class's metrics with an inf HD95 / ASSD (one mask empty) set to ``worst_mm``."""
+    return {k: (worst_mm if k in ("hd95", "assd") and v == float("inf") else v) for k, v in metrics.items()}
+
+
+def image_diagonal_mm(shape, spacing) -> float:
+    """The distance between the centres of an image's first and last voxels, in mm."""
+    return float(np.linalg.norm((np.asarray(shape, float) - 1) * np.asarray(spacing, float)))
+
+
+def _evaluate_case(case, pred_path, ref_path, classes, nsd_tolerance_mm, empty, surface, inf_distance=None):
     """Worker: ``(case, labels present in the reference, dim, {class: metrics})`` for one case."""
     reference, prediction = read_nifti(ref_path), read_nifti(pred_path)
     ref = _integer_labels(reference.array, case, ref_path)
@@ -285,6 +320,9 @@ def _evaluate_case(case, pred_path, ref_path, classes, nsd_tolerance_mm, empty, 
     todo = classes if classes is not None else sorted(present | {int(k) for k in np.unique(pred) if k != 0})
     metrics = segmentation_metrics(pred, ref, spacing, todo, nsd_tolerance_mm=nsd_tolerance_mm, empty=empty,
                                    surface=surface)
+    if inf_distance is not None:
+        worst = image_diagonal_mm(ref.shape, spacing) if inf_distance == "diagonal" else inf_distance
+        metrics = {k: replace_infinite_distances(m, worst) for k, m in metrics.items()}
     return case, present, ref.ndim, metrics
 
 

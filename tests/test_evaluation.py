@@ -16,6 +16,7 @@ from medseg_jax.evaluation import (
     read_labels,
     write_evaluation,
 )
+from medseg_jax.cli import main
 from medseg_jax.metrics import segmentation_metrics
 
 SPACING = (0.8, 1.2, 2.5)
@@ -152,5 +153,38 @@ def test_bad_settings_fail_before_reading_files(tmp_path):
         evaluate_folders(tmp_path / "nowhere", tmp_path / "nowhere", nsd_tolerance_mm=-1.0, progress=False)
     with pytest.raises(ConfigError, match="share a value"):
         evaluate_folders(tmp_path / "nowhere", tmp_path / "nowhere", {"a": 1, "b": 1}, progress=False)
+    for bad in ("far", -1.0, 0, float("inf")):
+        with pytest.raises(ConfigError, match="inf_distance"):
+            evaluate_folders(tmp_path / "nowhere", tmp_path / "nowhere", inf_distance=bad, progress=False)
     with pytest.raises(DataError, match="nowhere: folder not found"):
         evaluate_folders(tmp_path / "nowhere", tmp_path / "nowhere", progress=False)
+
+
+def test_inf_distances_can_be_replaced_by_a_worst_value(folders, tmp_path, capsys):
+    pred_dir, ref_dir, arrays = folders
+    kept, _ = evaluate_folders(pred_dir, ref_dir, LABELS, progress=False)
+    fixed, summary = evaluate_folders(pred_dir, ref_dir, LABELS, inf_distance=50.0, progress=False)
+    missed = [i for i, row in enumerate(kept) if row["hd95"] == math.inf]
+    assert [(kept[i]["case"], kept[i]["class"]) for i in missed] == [("case_c", "tumour")]
+    for i, (before, after) in enumerate(zip(kept, fixed)):
+        if i in missed:
+            assert after["hd95"] == after["assd"] == 50.0 and after["dice"] == before["dice"] == 0.0
+        else:
+            assert after == before
+    tumour_hd95 = [r["hd95"] for r in fixed if r["class"] == "tumour"]
+    assert summary["classes"]["tumour"]["hd95"]["mean"] == pytest.approx(np.mean(tumour_hd95))
+    assert summary["conventions"]["inf_distance"] == 50.0 and "replaced by 50 mm" in format_table(summary)
+
+    diagonal, _ = evaluate_folders(pred_dir, ref_dir, LABELS, inf_distance="diagonal", progress=False)
+    shape = arrays["case_c"][1].shape
+    want = math.sqrt(sum(((n - 1) * s) ** 2 for n, s in zip(shape, SPACING)))
+    # the affine is stored as float32: the spacing agrees to float32 precision
+    assert diagonal[missed[0]]["hd95"] == pytest.approx(want, rel=1e-6)
+
+    assert main(["evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir), "--quiet", "--inf-distance", "373.13",
+                 "--out", str(tmp_path / "eval")]) == 0
+    stored = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert stored["classes"]["2"]["hd95"]["count_inf"] == 0 and stored["conventions"]["inf_distance"] == 373.13
+    assert main(["evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir), "--quiet", "--inf-distance", "far",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "inf_distance" in capsys.readouterr().err and not (tmp_path / "bad").exists()
