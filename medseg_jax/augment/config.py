@@ -9,10 +9,18 @@ are equally likely although the range is asymmetric.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import Optional
+
+import numpy as np
 
 from medseg_jax.config import AugmentConfig  # noqa: F401  (defined with the other run configs)
 from medseg_jax.errors import ConfigError
 
+
+# nnU-Net's ANISO_THRESHOLD: a 3D patch whose largest side exceeds this many times its smallest is
+# augmented in-plane only (rotating it out of plane would interpolate across thick slices).
+ANISOTROPY_THRESHOLD = 3.0
 
 _PROBABILITIES = [f.name for f in dataclasses.fields(AugmentConfig) if f.name.endswith("probability")]
 _RANGES = ["scale_range", "elastic_magnitude", "noise_std", "blur_sigma", "brightness_range", "contrast_range",
@@ -38,13 +46,27 @@ def check_augment_config(config: AugmentConfig, spatial_dims: int) -> None:
         raise ConfigError(f"augment.elastic_control_spacing: {config.elastic_control_spacing} must be >= 1")
     if config.rotation_degrees is not None and config.rotation_degrees < 0:
         raise ConfigError(f"augment.rotation_degrees: {config.rotation_degrees} must be >= 0")
+    if config.in_plane_only and spatial_dims != 3:
+        raise ConfigError(f"augment.in_plane_only: only for 3D patches (these are {spatial_dims}D)")
     for axis in config.mirror_axes or ():
         if not 0 <= axis < spatial_dims:
             raise ConfigError(f"augment.mirror_axes: axis {axis} is not a spatial axis of {spatial_dims}D patches")
 
 
-def max_rotation_degrees(config: AugmentConfig, spatial_dims: int) -> float:
-    """The configured largest rotation per plane, or nnU-Net's default for the dimensionality."""
+def fixed_axis(config: AugmentConfig, patch_size: Sequence[int]) -> Optional[int]:
+    """The patch axis that spatial transforms leave alone (the through-plane axis of in-plane
+    augmentation: the smallest patch side), or None when they act on every axis."""
+    patch = [int(p) for p in patch_size]
+    if len(patch) != 3 or config.in_plane_only is False:
+        return None
+    if config.in_plane_only is None and max(patch) <= ANISOTROPY_THRESHOLD * min(patch):
+        return None
+    return int(np.argmin(patch))
+
+
+def max_rotation_degrees(config: AugmentConfig, spatial_dims: int, in_plane: bool = False) -> float:
+    """The configured largest rotation per plane, or nnU-Net's default: 180 degrees in 2D and for
+    in-plane augmentation of 3D patches, 30 degrees per plane otherwise."""
     if config.rotation_degrees is not None:
         return float(config.rotation_degrees)
-    return 180.0 if spatial_dims == 2 else 30.0
+    return 180.0 if spatial_dims == 2 or in_plane else 30.0

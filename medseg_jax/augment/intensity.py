@@ -92,14 +92,17 @@ def _low_resolution_operator(xp, size: int, zoom):
     return xp.stack([source(low), source(high)], axis=1), xp.stack([1 - weight, weight], axis=1)
 
 
-def simulate_low_resolution(backend, x, zoom):
+def simulate_low_resolution(backend, x, zoom, skip_axis=None):
     """Downsample every axis by ``zoom`` ``(C,)`` (nearest) and upsample back (linear), per channel
     (nnU-Net v2: the same zoom on all axes, ``synchronize_axes=True``). nnU-Net v1 upsampled with cubic
-    splines; v2 (batchgeneratorsv2) uses linear as here."""
+    splines; v2 (batchgeneratorsv2) uses linear as here. ``skip_axis``: a spatial axis left at full
+    resolution (nnU-Net's ``ignore_axes`` of in-plane augmentation)."""
     channels = []
     for c in range(x.shape[-1]):
         y = x[..., c]
         for axis, size in enumerate(y.shape):
+            if axis == skip_axis:
+                continue
             y = backend.along_axis(y, axis, *_low_resolution_operator(backend.xp, size, zoom[c]))
         channels.append(y)
     return backend.xp.stack(channels, axis=-1)

@@ -6,7 +6,9 @@ noise, Gaussian blur, brightness, contrast, simulated low resolution, gamma of t
 gamma. nnU-Net mirrors last; here the flips are folded into the spatial matrix, which gives the
 same distribution of outputs up to the sampling grid of simulated low resolution (not mirror
 symmetric); every other intensity transform acts alike at every position. Labels change only with
-the spatial transform.
+the spatial transform. Anisotropic 3D patches get nnU-Net's in-plane ("dummy 2D") variant
+(:func:`~medseg_jax.augment.config.fixed_axis`): no rotation, scaling or deformation along, and no
+simulated low resolution of, the through-plane axis.
 
 Device (:func:`make_augmentation`): ``augment_fn(key, image, label)`` splits ``key`` into one key per
 sample and ``vmap`` s the per-sample pipeline; every shape is static and every probability draw
@@ -35,6 +37,7 @@ from medseg_jax.augment.backend import JAX, NUMPY, Backend, GeneratorDraws, KeyD
 from medseg_jax.augment.config import (
     AugmentConfig,
     check_augment_config,
+    fixed_axis,
     max_rotation_degrees,
 )
 from medseg_jax.errors import DataError
@@ -50,15 +53,22 @@ def _bg_uniform(draws, xp, value_range, shape=()):
     return xp.where(below, draws.uniform(low, 1.0, shape), draws.uniform(1.0, high, shape))
 
 
-def sample_spatial_parameters(draws, xp, config: AugmentConfig, ndim: int) -> dict:
+def sample_spatial_parameters(draws, xp, config: AugmentConfig, ndim: int, fixed: Optional[int] = None) -> dict:
     """Per-sample spatial parameters: flags ``rotate``, ``scaled``, ``elastic`` (scalar bool), ``angles``
     ``(n_planes,)`` radians (0 unless rotated), ``scale`` (1 unless scaled), ``flips`` ``(ndim,)`` +-1,
-    ``magnitude`` of the elastic control points in voxels (0 unless deformed)."""
-    max_radians = math.radians(max_rotation_degrees(config, ndim))
+    ``magnitude`` of the elastic control points in voxels (0 unless deformed).
+
+    ``fixed``: an axis that rotation and scaling leave alone (in-plane augmentation): the angles of the
+    planes that contain it are 0 and ``scale`` is then ``(ndim,)`` with 1 on that axis."""
+    max_radians = math.radians(max_rotation_degrees(config, ndim, in_plane=fixed is not None))
+    planes = spatial.rotation_planes(ndim)
+    free_planes = np.asarray([fixed not in plane for plane in planes], np.float32)
     rotate = draws.bernoulli(config.rotation_probability)
-    angles = draws.uniform(-max_radians, max_radians, (len(spatial.rotation_planes(ndim)),)) * rotate
+    angles = draws.uniform(-max_radians, max_radians, (len(planes),)) * rotate * free_planes
     scaled = draws.bernoulli(config.scale_probability)
     scale = xp.where(scaled, draws.uniform(*config.scale_range), 1.0)
+    if fixed is not None:
+        scale = xp.where(np.arange(ndim) == fixed, 1.0, scale).astype(xp.float32)
     allowed = np.zeros(ndim, bool)
     allowed[list(range(ndim)) if config.mirror_axes is None else list(config.mirror_axes)] = True
     flips = xp.where(draws.bernoulli(config.mirror_probability, (ndim,)) & allowed, -1.0, 1.0)
@@ -71,11 +81,15 @@ def sample_spatial_parameters(draws, xp, config: AugmentConfig, ndim: int) -> di
 def spatial_augment(backend: Backend, draws, image, label, config: AugmentConfig, patch_size, num_classes=None):
     """One sample ``image`` ``(*crop, C)``, ``label`` ``(*crop)`` -> float32 ``(*patch, C)``, ``(*patch)``."""
     xp, ndim = backend.xp, label.ndim
-    params = sample_spatial_parameters(draws, xp, config, ndim)
+    fixed = fixed_axis(config, patch_size)
+    params = sample_spatial_parameters(draws, xp, config, ndim, fixed)
     displacement = None
     if config.elastic_probability > 0:
         grid = spatial.control_grid_shape(patch_size, config.elastic_control_spacing)
         control = draws.uniform(-1.0, 1.0, grid + (ndim,)) * params["magnitude"]
+        if fixed is not None:  # one in-plane deformation for every slice, none across them
+            control = xp.broadcast_to(xp.take(control, np.array([0]), axis=fixed), control.shape)
+            control = control * (np.arange(ndim) != fixed).astype(np.float32)
         displacement = spatial.elastic_displacement(xp, control, patch_size, config.elastic_control_spacing)
     moved = params["rotate"] | params["scaled"] | params["elastic"]
     whole_voxels = all((c - p) % 2 == 0 for c, p in zip(label.shape, patch_size))
@@ -91,6 +105,7 @@ def intensity_augment(backend: Backend, draws, x, config: AugmentConfig):
     the two gamma transforms, each with its own per-sample probability (skipped statically when 0)."""
     xp, c = backend.xp, config
     channels, ndim = x.shape[-1], x.ndim - 1
+    fixed = fixed_axis(config, x.shape[:-1])
     if c.noise_probability > 0:
         flag = draws.bernoulli(c.noise_probability)
         std = draws.uniform(*c.noise_std)
@@ -116,7 +131,7 @@ def intensity_augment(backend: Backend, draws, x, config: AugmentConfig):
         chosen = draws.bernoulli(c.low_resolution_channel_probability, (channels,))
         zoom = draws.uniform(*c.low_resolution_zoom, (channels,))
         x = backend.maybe(flag & xp.any(chosen),
-                          lambda v: xp.where(chosen, intensity.simulate_low_resolution(backend, v, zoom), v), x)
+                          lambda v: xp.where(chosen, intensity.simulate_low_resolution(backend, v, zoom, fixed), v), x)
     for probability, invert in ((c.gamma_inverted_probability, True), (c.gamma_probability, False)):
         if probability > 0:
             flag = draws.bernoulli(probability)
@@ -187,10 +202,18 @@ def loader_crop_size(config: AugmentConfig, patch_size: Sequence[int]) -> tuple[
     if config.mode == "none":
         return tuple(patch_size)
     check_augment_config(config, len(patch_size))
-    rotation = max_rotation_degrees(config, len(patch_size)) if config.rotation_probability > 0 else 0.0
+    fixed = fixed_axis(config, patch_size)
+    rotation = (max_rotation_degrees(config, len(patch_size), in_plane=fixed is not None)
+                if config.rotation_probability > 0 else 0.0)
     scale = config.scale_range if config.scale_probability > 0 else 1.0
     elastic = config.elastic_magnitude[1] if config.elastic_probability > 0 else 0.0
-    return spatial.crop_size_for(patch_size, rotation, scale, elastic)
+    if fixed is None:
+        return spatial.crop_size_for(patch_size, rotation, scale, elastic)
+    # in-plane augmentation: the plane's crop as in 2D, the fixed axis cut at the patch size
+    plane = spatial.crop_size_for([p for a, p in enumerate(patch_size) if a != fixed], rotation, scale, elastic)
+    crop = list(plane)
+    crop.insert(fixed, int(patch_size[fixed]))
+    return tuple(crop)
 
 
 def train_step_augmentation(config: AugmentConfig, patch_size: Sequence[int], num_classes: Optional[int] = None):

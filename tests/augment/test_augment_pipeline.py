@@ -17,6 +17,7 @@ from medseg_jax.augment import (
     make_augmentation,
 )
 from medseg_jax.augment.backend import JAX, NUMPY, GeneratorDraws, KeyDraws
+from medseg_jax.augment.config import fixed_axis
 from medseg_jax.augment.pipeline import sample_spatial_parameters
 from medseg_jax.errors import ConfigError, DataError
 
@@ -195,6 +196,49 @@ def test_loader_crop_size_counts_only_enabled_transforms():
     assert loader_crop_size(config_with(mirror_probability=0.5), (64, 64, 64)) == (64, 64, 64)
     assert loader_crop_size(config_with(scale_probability=0.2), (64, 64)) == (90, 90)  # 1.4 * 63 + 1 = 89.2
     assert loader_crop_size(AugmentConfig(), (64, 64)) == (126, 126)
+
+
+def test_in_plane_augmentation_follows_nnunets_anisotropy_rule():
+    auto = AugmentConfig()
+    assert fixed_axis(auto, (20, 160, 160)) == 0 and fixed_axis(auto, (160, 160, 20)) == 2
+    assert fixed_axis(auto, (64, 128, 128)) is None and fixed_axis(auto, (64, 64)) is None  # 2x, or 2D
+    assert fixed_axis(dataclasses.replace(auto, in_plane_only=False), (160, 160, 20)) is None
+    assert fixed_axis(dataclasses.replace(auto, in_plane_only=True), (96, 128, 128)) == 0
+    with pytest.raises(ConfigError, match="in_plane_only"):
+        loader_crop_size(dataclasses.replace(auto, in_plane_only=True), (64, 64))
+    # the through-plane axis is cut at the patch size; the plane gets the 2D crop (180 degrees)
+    assert loader_crop_size(auto, (128, 128, 16)) == (*loader_crop_size(auto, (128, 128)), 16)
+    assert loader_crop_size(auto, (16, 128, 128)) == (16, *loader_crop_size(auto, (128, 128)))
+
+
+@pytest.mark.parametrize("device", [False, True], ids=["host", "device"])
+def test_in_plane_augmentation_never_mixes_slices(device):
+    """Each slice of the through-plane axis holds its index: rotated, scaled, deformed and degraded
+    in-plane, every output slice must still hold only its own index (linear interpolation of a constant);
+    the same transforms in 3D mix neighbouring slices."""
+    patch = (24, 24, 6)
+    spatial_on = dict(rotation_probability=1.0, scale_probability=1.0, elastic_probability=1.0,
+                      elastic_control_spacing=8, elastic_magnitude=(1.0, 2.0), low_resolution_probability=1.0,
+                      low_resolution_channel_probability=1.0)
+    in_plane, full = config_with(**spatial_on), config_with(**spatial_on, in_plane_only=False)
+    outputs = {}
+    for name, config in (("in_plane", in_plane), ("full", full)):
+        crop = loader_crop_size(config, patch)
+        image = np.broadcast_to(np.arange(crop[2], dtype=np.float32) + 1.0, (2, *crop)).copy()[..., None]
+        label = np.broadcast_to(np.arange(crop[2], dtype=np.int32) % 3, (2, *crop)).copy()
+        if device:
+            augment = jax.jit(make_augmentation(config, patch))
+            out, out_label = (np.asarray(a) for a in augment(jax.random.key(3), image, label))
+        else:
+            out, out_label = augment_numpy(np.random.default_rng(3), image, label, config, patch)
+        outputs[name] = out
+        if name == "in_plane":
+            offset = (crop[2] - patch[2]) // 2
+            want = np.arange(patch[2], dtype=np.float32) + 1.0 + offset
+            np.testing.assert_allclose(out[..., 0], np.broadcast_to(want, out.shape[:-1]), rtol=1e-5)
+            np.testing.assert_array_equal(out_label, np.broadcast_to((want - 1).astype(int) % 3, out_label.shape))
+    spread = outputs["full"][..., 0].std(axis=(1, 2))  # per sample and slice: slices mixed
+    assert spread.max() > 0.1
 
 
 SHARDED_SCRIPT = textwrap.dedent("""
