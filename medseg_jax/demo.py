@@ -79,10 +79,6 @@ def claim_demo_folder(out: Path, record: dict, overwrite: bool = False) -> None:
     if out.is_dir() and any(out.iterdir()):
         if not marker.is_file():
             raise ConfigError(f"{out}: the folder is not empty and holds no demo (no demo.json); choose another --out")
-        try:
-            previous = json.loads(marker.read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{marker}: unreadable demo record ({exc}); use --overwrite to start afresh") from None
         if overwrite:
             for name in DEMO_OUTPUTS:
                 path = out / name
@@ -90,10 +86,15 @@ def claim_demo_folder(out: Path, record: dict, overwrite: bool = False) -> None:
                     shutil.rmtree(path)
                 elif path.exists() or path.is_symlink():
                     path.unlink()
-        elif previous != record:
-            changed = sorted(k for k in record.keys() | previous.keys() if record.get(k) != previous.get(k))
-            raise ConfigError(f"{out}: holds a demo with other settings ({', '.join(changed)} differ); "
-                              "use another --out, or --overwrite to replace it")
+        else:
+            try:
+                previous = json.loads(marker.read_text())
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"{marker}: unreadable demo record ({exc}); use --overwrite to start afresh") from None
+            if previous != record:
+                changed = sorted(k for k in record.keys() | previous.keys() if record.get(k) != previous.get(k))
+                raise ConfigError(f"{out}: holds a demo with other settings ({', '.join(changed)} differ); "
+                                  "use another --out, or --overwrite to replace it")
     elif out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
