@@ -24,8 +24,10 @@ def _save(fig, path) -> Path:
     return Path(path)
 
 
-def plot_training_curve(history: list[dict], path, title: str = "training", validation: list[dict] = ()) -> Path:
-    """Training loss against step, with validation pseudo-Dice / Dice on a second axis when given."""
+def plot_training_curve(history: list[dict], path, title: str = "training", validation: list[dict] = (),
+                        validation_label: str = "validation Dice") -> Path:
+    """Training loss against step, with validation pseudo-Dice / Dice on a second axis when given
+    (``validation_label`` names what the Dice was measured on)."""
     plt = _figure()
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1, label="train loss (Dice + CE)")
@@ -37,7 +39,7 @@ def plot_training_curve(history: list[dict], path, title: str = "training", vali
         dice_ax = ax.twinx()
         steps = [v["step"] for v in validation]
         handles += dice_ax.plot(steps, [v["val_dice"] for v in validation], "o-", color="tab:green", ms=3,
-                                label="validation Dice (patches)")
+                                label=validation_label)
         if "pseudo_dice" in validation[0]:
             handles += dice_ax.plot(steps, [v["pseudo_dice"] for v in validation], "--", color="tab:olive",
                                     label="pseudo-Dice (EMA)")

@@ -109,13 +109,17 @@ def validate_cases(model, params, plan: dict, config, store, case_ids, mesh) -> 
             "val_dice": float(np.nanmean(dice[1:])) if np.any(~np.isnan(dice[1:])) else 0.0}
 
 
-def plot_curves(run_dir: Path, entries: list[dict]) -> None:
+VALIDATION_LABELS = {"sliding_window": "validation Dice (whole cases)", "patches": "validation Dice (patches)"}
+
+
+def plot_curves(run_dir: Path, entries: list[dict], val_mode: str) -> None:
     from medseg_jax.report import plot_training_curve
 
     train_entries = [e for e in entries if "loss" in e]
     val_entries = [e for e in entries if "val_dice" in e]
     if train_entries:
-        plot_training_curve(train_entries, run_dir / "training_curve.png", validation=val_entries)
+        plot_training_curve(train_entries, run_dir / "training_curve.png", validation=val_entries,
+                            validation_label=VALIDATION_LABELS[val_mode])
 
 
 def augmentation(config):
@@ -255,7 +259,7 @@ def train(config, store_dir, run_dir, fold: int = 0, resume: bool = True, progre
                 val_dice = pseudo_dice
                 append({"step": done, **result, "pseudo_dice": pseudo_dice})
                 if main:
-                    plot_curves(run_dir, entries)
+                    plot_curves(run_dir, entries, config.train.val_mode)
             if done % config.train.checkpoint_every == 0 or done == steps or val_dice is not None:
                 save(done, val_dice)
             if stop_requested.is_set() and done < steps:
@@ -266,7 +270,7 @@ def train(config, store_dir, run_dir, fold: int = 0, resume: bool = True, progre
     manager.wait_until_finished()
     manager.close()
     if main:
-        plot_curves(run_dir, entries)
+        plot_curves(run_dir, entries, config.train.val_mode)
     final = int(state.step)
     losses = [e["loss"] for e in entries if "loss" in e]
     summary = {"run_dir": str(run_dir), "fold": fold, "step": final, "steps": steps, "stopped_early": stopped,

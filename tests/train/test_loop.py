@@ -198,3 +198,13 @@ def test_cpu_side_augmentation_mode_trains(store_dir, tmp_path):
     config = load_config(None, [*OVERRIDES, "train.steps=2", "train.val_every=2", "augment.mode=cpu"])
     summary = train(config, store_dir, tmp_path / "cpu_aug", progress=False)
     assert summary["step"] == 2 and np.isfinite(summary["final_loss"])
+
+
+def test_the_curve_names_every_validation_mode():
+    import typing
+
+    from medseg_jax.config import TrainConfig
+    from medseg_jax.train.loop import VALIDATION_LABELS
+
+    modes = typing.get_args(typing.get_type_hints(TrainConfig)["val_mode"])
+    assert set(VALIDATION_LABELS) == set(modes) == {"sliding_window", "patches"}
