@@ -189,8 +189,8 @@ def cmd_demo(args) -> int:
     from medseg_jax.demo import run_demo
 
     summary = run_demo(args.out, cases=args.cases, steps=args.steps, dim=args.dim, seed=args.seed,
-                       shape=tuple(args.shape) if args.shape else None, config_path=args.config, overrides=args.overrides, progress=not args.quiet,
-                       overwrite=args.overwrite, log=print)
+                       shape=tuple(args.shape) if args.shape else None, config_path=args.config,
+                       overrides=args.overrides, progress=not args.quiet, overwrite=args.overwrite, log=print)
     for name, values in summary["metrics"].items():
         print(f"{name}: " + ", ".join(f"{metric} {value:.3f}" for metric, value in values.items()))
     det = summary["tumour_detection"]

@@ -118,9 +118,9 @@ class AugmentConfig:
 
     mode: Literal["device", "cpu", "none"] = field("device", "where augmentation runs: inside the jitted step (device), in the loader (cpu), or not at all (none)")
     rotation_probability: float = field(0.2, "probability of a random rotation")
-    rotation_degrees: Optional[float] = field(None, "largest rotation per axis plane in degrees; null = nnU-Net's 180 in 2D, 30 in 3D")
-    in_plane_only: Optional[bool] = field(None, "3D: rotate, scale and deform only in the plane of the two larger patch sides, each slice on its own, as nnU-Net's dummy-2D augmentation for anisotropic data; null = when the largest patch side exceeds 3x the smallest (nnU-Net's rule)")
-    scale_probability: float = field(0.2, "probability of random scaling (one factor for all axes)")
+    rotation_degrees: Optional[float] = field(None, "largest rotation per axis plane in degrees; null = nnU-Net's 180 in 2D and in-plane, 30 in 3D")
+    in_plane_only: Optional[bool] = field(None, "3D: rotate, scale and deform only in the plane of the two larger patch sides, the same for every slice (nnU-Net's dummy-2D augmentation for anisotropic data); null = when the largest patch side exceeds 3x the smallest (nnU-Net's rule)")
+    scale_probability: float = field(0.2, "probability of random scaling (one factor for all axes, or for the in-plane axes)")
     scale_range: tuple[float, float] = field((0.7, 1.4), "range of the factor on sampling coordinates (> 1 shows more context: structures look smaller)")
     elastic_probability: float = field(0.0, "probability of an elastic deformation (off in nnU-Net v2)")
     elastic_control_spacing: int = field(16, "voxels between the control points of the elastic B-spline")

@@ -57,10 +57,10 @@ def copy_heldout(dataset, case_ids, target: Path) -> tuple[Path, Path]:
 
 def tumour_slice(reference_ras: np.ndarray, tumour: int) -> int:
     """The axial slice with the most tumour (or the most foreground, or the middle one)."""
-    for mask in (reference_ras == tumour, reference_ras > 0):
-        if mask.any():
-            return int(np.argmax(mask.sum(axis=(0, 1))))
-    return reference_ras.shape[2] // 2
+    from medseg_jax.report import largest_extent_index
+
+    mask = reference_ras == tumour
+    return largest_extent_index(mask if mask.any() else reference_ras > 0, axis=2)
 
 
 def claim_demo_folder(out: Path, record: dict, overwrite: bool = False) -> None:
@@ -196,7 +196,7 @@ def run_demo(out_dir, cases=None, steps=None, dim=None, seed=0, shape=None, conf
         "report_dir": str(report_dir),
     }
     write_json_atomic(report_dir / "summary.json", summary | {"evaluation": evaluation})
-    write_report_readme(report_dir, out, summary, format_table(evaluation))
+    write_report_readme(report_dir, out, dataset_dir, summary, format_table(evaluation))
     return summary
 
 
@@ -226,11 +226,10 @@ def write_pictures(out: Path, report_dir: Path, plan: dict, heldout: list[str]) 
                      "precision": (pred - totals["false_positives"]) / pred if pred else None}
 
 
-def write_report_readme(report_dir: Path, out: Path, summary: dict, table: str) -> None:
+def write_report_readme(report_dir: Path, out: Path, dataset: Path, summary: dict, table: str) -> None:
     from medseg_jax.atomic import write_text_atomic
 
     s = summary["settings"]
-    dataset = next((out / "raw").iterdir())
     overlays = "\n".join(f"![{case}](overlay_{case}.png)" for case in summary["heldout_cases"])
     det = summary["tumour_detection"]
     text = f"""# medseg-jax demo report

@@ -44,6 +44,7 @@ from medseg_jax.atomic import write_json_atomic, write_text_atomic
 from medseg_jax.data.io import NIFTI_SUFFIXES, read_nifti, read_nifti_header
 from medseg_jax.errors import ConfigError, DataError
 from medseg_jax.metrics.conventions import check_convention
+from medseg_jax.metrics.overlap import dice_iou
 from medseg_jax.metrics.per_class import (
     DEFAULT_NSD_TOLERANCE_MM,
     METRIC_NAMES,
@@ -155,8 +156,8 @@ def evaluate_folders(pred_dir, ref_dir, labels: dict[str, int] | None = None,
         for name, value in labels.items():
             metrics = per_class.get(value) or empty_case_metrics(empty)
             rows.append({"case": case, "class": name, "label": value, **metrics})
-    settings = {"nsd_tolerance_mm": nsd_tolerance_mm, "empty": empty, "surface": surface, "inf_distance": inf_distance,
-                "dims": sorted({dim for _, _, dim, _ in results})}
+    settings = {"nsd_tolerance_mm": nsd_tolerance_mm, "empty": empty, "surface": surface,
+                "inf_distance": inf_distance, "dims": sorted({dim for _, _, dim, _ in results})}
     summary = summarize(rows, labels, settings)
     summary["unmatched_predictions"] = sorted(set(preds) - set(refs))
     return rows, summary
@@ -198,7 +199,7 @@ def summarize(rows: list[dict], labels: dict[str, int], settings: dict) -> dict:
 def pooled_dice(rows: list[dict]) -> float:
     """Dice of the voxels of all ``rows`` together (their ``tp``, ``fp``, ``fn`` counts); NaN if all empty."""
     tp, fp, fn = (sum(int(r[k]) for r in rows) for k in ("tp", "fp", "fn"))
-    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
+    return dice_iou(tp, fp, fn, empty="nnunet")[0]
 
 
 def write_evaluation(out_dir: str | os.PathLike, rows: list[dict], summary: dict) -> dict[str, Path]:
@@ -217,8 +218,8 @@ def write_evaluation(out_dir: str | os.PathLike, rows: list[dict], summary: dict
 def format_table(summary: dict) -> str:
     """A plain-text table of the class means (+- std) of every score and the mean volume difference."""
     conventions = summary["conventions"]
-    headers = ["class", "cases", "Dice", "global Dice", "IoU", "HD95 mm", "ASSD mm", f"NSD@{conventions['nsd_tolerance_mm']:g}mm",
-               f"dVol {conventions['volume_unit']}"]
+    headers = ["class", "cases", "Dice", "global Dice", "IoU", "HD95 mm", "ASSD mm",
+               f"NSD@{conventions['nsd_tolerance_mm']:g}mm", f"dVol {conventions['volume_unit']}"]
     lines = []
     for name, entry in summary["classes"].items():
         nan = entry["dice"]["count_nan"]
@@ -231,9 +232,10 @@ def format_table(summary: dict) -> str:
     widths = [max(len(str(row[i])) for row in [headers] + lines) for i in range(len(headers))]
     text = [" ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [headers] + lines]
     worst = conventions.get("inf_distance")
+    replaced = "" if worst is None else "; inf HD95/ASSD replaced by " + (
+        "each image's diagonal" if worst == "diagonal" else f"{worst:g} mm")
     text.append(f"empty masks: {conventions['empty']} ({conventions['empty_description']}); "
-                f"surface: {conventions['surface']}"
-                + ("" if worst is None else f"; inf HD95/ASSD replaced by {worst if worst == 'diagonal' else f'{worst:g} mm'}"))
+                f"surface: {conventions['surface']}{replaced}")
     return "\n".join(text)
 
 

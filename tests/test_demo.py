@@ -2,9 +2,10 @@
 
 import json
 
+import numpy as np
 import pytest
 
-from medseg_jax.demo import DEMO_OUTPUTS, claim_demo_folder
+from medseg_jax.demo import DEMO_OUTPUTS, claim_demo_folder, tumour_slice
 from medseg_jax.errors import ConfigError
 
 RECORD = {"cases": 5, "steps": 4, "seed": 0}
@@ -49,3 +50,13 @@ def test_a_file_or_a_folder_without_a_demo_is_refused(tmp_path):
         with pytest.raises(ConfigError, match="no demo.json"):
             claim_demo_folder(tmp_path / "other", RECORD, overwrite=overwrite)
     assert [p.name for p in (tmp_path / "other").iterdir()] == ["data.nii.gz"]
+
+
+def test_the_overlay_slice_is_the_one_with_most_tumour_else_most_foreground():
+    reference = np.zeros((8, 8, 8), np.uint8)
+    reference[1:7, 1:7, 1] = 1  # most liver on slice 1
+    reference[2:4, 2:4, 3] = 2  # the only tumour on slice 3
+    reference[2, 2, 4] = 2
+    assert tumour_slice(reference, 2) == 3
+    assert tumour_slice(np.where(reference == 2, 1, reference), 2) == 1
+    assert tumour_slice(np.zeros_like(reference), 2) == 4  # nothing: the middle slice
