@@ -1,2 +1,6 @@
-"""medseg-jax's benchmark suite: ``python -m benchmarks --help`` (or ``medseg-jax benchmark``);
-the library entry point is :func:`benchmarks.suite.run_benchmarks`. Recorded runs: ``RESULTS.md``."""
+"""The repository's benchmark scripts and recorded results (``RESULTS.md``, ``results/``); not installed.
+
+The suite itself is part of the package (:mod:`medseg_jax.bench`): ``medseg-jax benchmark --help``, or
+``python -m benchmarks --help`` from a clone. The scripts here run as files, e.g.
+``python benchmarks/bench_augment.py --help``.
+"""

@@ -36,8 +36,9 @@ def transformed_copy(image: np.ndarray, label: np.ndarray, angle_degrees: float,
 
 def write_heldout(root: Path, cases: int, seed: int, shape) -> tuple[Path, Path]:
     """Held-out phantoms as drawn (``plain``) and rotated 15-40 degrees and zoomed 0.75-0.9 (``moved``)."""
-    from medseg_jax.data.io import Volume, write_nifti
+    from medseg_jax.data.image_io import write_nifti
     from medseg_jax.data.synthetic import make_ct_phantom
+    from medseg_jax.data.volume import Volume
 
     rng = np.random.default_rng(seed)
     for variant in ("plain", "moved"):
@@ -48,8 +49,9 @@ def write_heldout(root: Path, cases: int, seed: int, shape) -> tuple[Path, Path]
         name = f"held_{k:03d}"
         write_nifti(image, root / "plain" / "images" / f"{name}_0000.nii.gz")
         write_nifti(label, root / "plain" / "labels" / f"{name}.nii.gz")
-        moved_image, moved_label = transformed_copy(image.array, label.array, rng.uniform(15, 40) * rng.choice([-1, 1]),
-                                                    rng.uniform(0.75, 0.9))
+        moved_image, moved_label = transformed_copy(
+            image.array, label.array, rng.uniform(15, 40) * rng.choice([-1, 1]), rng.uniform(0.75, 0.9)
+        )
         write_nifti(Volume(moved_image, image.affine), root / "moved" / "images" / f"{name}_0000.nii.gz")
         write_nifti(Volume(moved_label, image.affine), root / "moved" / "labels" / f"{name}.nii.gz")
     return root / "plain", root / "moved"
@@ -58,7 +60,7 @@ def write_heldout(root: Path, cases: int, seed: int, shape) -> tuple[Path, Path]
 def main(argv=None) -> None:
     from medseg_jax.config import load_config
     from medseg_jax.data.dataset import load_dataset
-    from medseg_jax.data.fingerprint import compute_fingerprint, save_json
+    from medseg_jax.data.fingerprint import compute_fingerprint
     from medseg_jax.data.plan import make_plan
     from medseg_jax.data.preprocess import preprocess_dataset
     from medseg_jax.data.store import CaseStore
@@ -66,8 +68,8 @@ def main(argv=None) -> None:
     from medseg_jax.demo import DEFAULT_CONFIG
     from medseg_jax.evaluation import evaluate_folders
     from medseg_jax.inference.predict import predict_folder
+    from medseg_jax.inference.run_folder import load_run
     from medseg_jax.train.loop import train
-    from medseg_jax.train.run import load_run
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=12, help="training phantoms")
@@ -80,11 +82,14 @@ def main(argv=None) -> None:
     shape = tuple(args.shape)
     dataset = load_dataset(write_synthetic_dataset(args.out / "raw", args.cases, seed=0, shape=shape))
     base = load_config(DEFAULT_CONFIG, [f"train.steps={args.steps}", "train.val_every=100000"])
-    plan = make_plan(compute_fingerprint(dataset), dim=2, voxel_budget=base.data.batch_size * float(
-        np.prod(base.data.patch_size)), hu_window=(-175.0, 250.0))
+    plan = make_plan(
+        compute_fingerprint(dataset),
+        dim=2,
+        voxel_budget=base.data.batch_size * float(np.prod(base.data.patch_size)),
+        hu_window=(-175.0, 250.0),
+    )
     store = CaseStore(args.out / "store", chunk_shape=(64, 64, 1))
-    preprocess_dataset(dataset, plan, store, progress=False)
-    save_json(plan, args.out / "store" / "plan.json")
+    preprocess_dataset(dataset, plan, store, progress=False)  # records the plan in the store
     plain, moved = write_heldout(args.out / "heldout", args.heldout, seed=10_000, shape=shape)
 
     results = {}
@@ -100,9 +105,12 @@ def main(argv=None) -> None:
             for name, folder in (("as drawn", plain), ("rotated + scaled", moved)):
                 predictions = args.out / f"pred_{mode}_{name.split()[0]}_{tta.split()[0]}"
                 predict_folder(folder / "images", predictions, model, params, run_plan, inference, progress=False)
-                _, summary = evaluate_folders(predictions, folder / "labels", labels=dict(plan["labels"]),
-                                              progress=False)
-                results[mode][f"{name}, {tta}"] = {c: summary["classes"][c]["dice"]["mean"] for c in ("liver", "tumour")}
+                _, summary = evaluate_folders(
+                    predictions, folder / "labels", labels=dict(plan["labels"]), progress=False
+                )
+                results[mode][f"{name}, {tta}"] = {
+                    c: summary["classes"][c]["dice"]["mean"] for c in ("liver", "tumour")
+                }
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print("| augmentation | held-out set | liver Dice | tumour Dice | train s |\n| --- | --- | ---: | ---: | ---: |")
     for mode, result in results.items():

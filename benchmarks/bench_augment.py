@@ -31,7 +31,8 @@ import time
 
 import numpy as np
 
-from benchmarks.suite import machine_info
+from medseg_jax.bench.suite import machine_info
+from medseg_jax.kernels.timing import time_round_robin
 
 _WORKER = {}
 
@@ -41,8 +42,12 @@ def _init_worker(crop, channels, patch, seed):
     from medseg_jax.augment import AugmentConfig
 
     rng = np.random.default_rng(seed)
-    _WORKER.update(image=rng.normal(size=(1, *crop, channels)).astype(np.float32),
-                   label=rng.integers(0, 3, (1, *crop)).astype(np.int32), patch=patch, config=AugmentConfig())
+    _WORKER.update(
+        image=rng.normal(size=(1, *crop, channels)).astype(np.float32),
+        label=rng.integers(0, 3, (1, *crop)).astype(np.int32),
+        patch=patch,
+        config=AugmentConfig(),
+    )
 
 
 def _worker_augment(seed):
@@ -54,19 +59,18 @@ def _worker_augment(seed):
 
 
 def timed(fn, repeats):
-    """Median and all of ``repeats`` wall times of ``fn()`` (which must block until done)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+    """Median and all of ``repeats`` wall times of ``fn()`` (which must block until done; it has been
+    warmed up by the caller)."""
+    times = time_round_robin({"run": fn}, repeats, warmup=0)["run"]
     return statistics.median(times), times
 
 
 def random_batch(shape, channels, batch, seed=0):
     rng = np.random.default_rng(seed)
-    return (rng.normal(size=(batch, *shape, channels)).astype(np.float32),
-            rng.integers(0, 3, (batch, *shape)).astype(np.int32))
+    return (
+        rng.normal(size=(batch, *shape, channels)).astype(np.float32),
+        rng.integers(0, 3, (batch, *shape)).astype(np.int32),
+    )
 
 
 def bench_device_augment(patch, batch, channels, repeats):
@@ -92,11 +96,12 @@ def bench_cpu_sample(patch, channels, samples):
     config = AugmentConfig()
     crop = loader_crop_size(config, patch)
     image, label = random_batch(crop, channels, 1)
-    times = []
-    for seed in range(samples):
-        start = time.perf_counter()
-        augment_numpy(np.random.default_rng(seed), image, label, config, patch)
-        times.append(time.perf_counter() - start)
+    seeds = iter(range(samples))  # a new draw per call: transforms not drawn cost nothing on the CPU
+    times = time_round_robin(
+        {"sample": lambda: augment_numpy(np.random.default_rng(next(seeds)), image, label, config, patch)},
+        samples,
+        warmup=0,
+    )["sample"]
     return dict(mean_s=statistics.mean(times), median_s=statistics.median(times), max_s=max(times), samples=samples)
 
 
@@ -113,8 +118,9 @@ def bench_cpu_pool(patch, batch, channels, workers, batches, repeats):
             list(pool.imap_unordered(_worker_augment, [next(seeds) for _ in range(batches * batch)], chunksize=1))
 
         median, times = timed(run, repeats)
-    return dict(workers=workers, batches_per_run=batches, median_batch_s=median / batches,
-                times_s=[t / batches for t in times])
+    return dict(
+        workers=workers, batches_per_run=batches, median_batch_s=median / batches, times_s=[t / batches for t in times]
+    )
 
 
 def prepare_train_step(patch, batch, channels, with_augment):
@@ -158,16 +164,14 @@ def prepare_train_step(patch, batch, channels, with_augment):
 def bench_train_steps(patch, batch, channels, repeats):
     """Steps without and with augmentation, timed alternately (one of each per round) so that a change
     of load on a shared machine hits both alike."""
-    members = {name: prepare_train_step(patch, batch, channels, name == "step_with")
-               for name in ("step_without", "step_with")}
-    times = {name: [] for name in members}
-    for _ in range(repeats):
-        for name, (run, _) in members.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: dict(info, median_s=statistics.median(times[name]), times_s=times[name])
-            for name, (_, info) in members.items()}
+    members = {
+        name: prepare_train_step(patch, batch, channels, name == "step_with") for name in ("step_without", "step_with")
+    }
+    times = time_round_robin({name: run for name, (run, _) in members.items()}, repeats, warmup=0)
+    return {
+        name: dict(info, median_s=statistics.median(times[name]), times_s=times[name])
+        for name, (_, info) in members.items()
+    }
 
 
 def main(argv=None):
@@ -189,8 +193,13 @@ def main(argv=None):
     patch = tuple(args.patch)
     step_patch = tuple(args.step_patch or args.patch)
 
-    result = dict(command="python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-                  machine=machine_info(), patch=patch, batch=args.batch, channels=args.channels)
+    result = dict(
+        command="python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        machine=machine_info(),
+        patch=patch,
+        batch=args.batch,
+        channels=args.channels,
+    )
     print(f"part A at {patch}: CPU pool, one process, device", file=sys.stderr, flush=True)
     result["cpu_pool"] = bench_cpu_pool(patch, args.batch, args.channels, args.workers, args.cpu_batches, args.repeats)
     result["cpu_sample"] = bench_cpu_sample(patch, args.channels, args.cpu_samples)
@@ -221,7 +230,7 @@ def main(argv=None):
 def report(r) -> str:
     m = r["machine"]
     lines = [
-        f"- machine: {m['cpu']}, {m['cores']} cores, JAX backend {m['backend']} ({m['device']}), "
+        f"- machine: {m['cpu']}, {m['cpu_count']} cores, JAX backend {m['backend']} ({m['device_kind']}), "
         f"load average at start {', '.join(f'{x:.1f}' for x in m['load_average'])}",
         f"- versions: Python {m['python']}, jax {m['jax']}, numpy {m['numpy']}, scipy {m['scipy']}",
         f"- command: `{r['command']}`",

@@ -27,7 +27,8 @@ import time
 
 import numpy as np
 
-from benchmarks.suite import machine_info
+from medseg_jax.bench.suite import machine_info
+from medseg_jax.kernels.timing import time_round_robin
 
 
 def loop_baseline(apply, params, image, patch, mirror: bool) -> np.ndarray:
@@ -63,11 +64,7 @@ def measure(run, repeats: int) -> dict:
     start = time.perf_counter()
     result = run()
     first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
+    times = time_round_robin({"run": run}, repeats, warmup=0)["run"]
     median = statistics.median(times)
     return {"first_s": first, "compile_s": max(first - median, 0.0), "median_s": median, "times_s": times}, result
 
@@ -100,13 +97,23 @@ def main(argv=None):
 
     runners = {
         "loop": lambda tta: loop_baseline(apply, params, image, patch, tta),
-        "device": lambda tta: np.asarray(sliding_window(model.apply, image, patch, batch_size=args.batch,
-                                                        mirror_axes=None if tta else (), params=params)),
-        "host": lambda tta: sliding_window(model.apply, image, patch, batch_size=args.batch,
-                                           mirror_axes=None if tta else (), params=params, accumulate="host"),
+        "device": lambda tta: np.asarray(
+            sliding_window(
+                model.apply, image, patch, batch_size=args.batch, mirror_axes=None if tta else (), params=params
+            )
+        ),
+        "host": lambda tta: sliding_window(
+            model.apply,
+            image,
+            patch,
+            batch_size=args.batch,
+            mirror_axes=None if tta else (),
+            params=params,
+            accumulate="host",
+        ),
     }
     rows, outputs = [], {}
-    for tta in ([False] if args.no_tta else [False, True]):
+    for tta in [False] if args.no_tta else [False, True]:
         for mode in args.modes:
             figures, logits = measure(lambda mode=mode, tta=tta: runners[mode](tta), args.repeats)
             outputs[mode, tta] = logits
@@ -115,20 +122,31 @@ def main(argv=None):
         base = next((r for r in rows if r["mode"] == "loop" and r["tta"] == row["tta"]), None)
         row["speedup_over_loop"] = None if base is None else base["median_s"] / row["median_s"]
         reference = outputs.get(("loop", row["tta"]))
-        row["max_abs_diff_to_loop"] = (None if reference is None
-                                       else float(np.abs(outputs[row["mode"], row["tta"]] - reference).max()))
+        row["max_abs_diff_to_loop"] = (
+            None if reference is None else float(np.abs(outputs[row["mode"], row["tta"]] - reference).max())
+        )
 
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    result = {"command": command, "machine": machine_info(), "shape": shape, "patch": patch,
-              "features": args.features, "batch": args.batch, "classes": args.classes, "repeats": args.repeats,
-              "rows": rows}
+    result = {
+        "command": command,
+        "machine": machine_info(),
+        "shape": shape,
+        "patch": patch,
+        "features": args.features,
+        "batch": args.batch,
+        "classes": args.classes,
+        "repeats": args.repeats,
+        "rows": rows,
+    }
     print(f"sliding window, scan {shape}, patch {patch}, U-Net features {args.features}, batch {args.batch}")
     print("| mode | TTA | voxels/s | median s | compile s | speed-up vs loop |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
         speedup = "-" if r["speedup_over_loop"] is None else f"{r['speedup_over_loop']:.2f}x"
-        print(f"| {r['mode']} | {'8 flips' if r['tta'] else 'off'} | {r['voxels_per_s']:,.0f} | {r['median_s']:.3f} "
-              f"| {r['compile_s']:.2f} | {speedup} |")
+        print(
+            f"| {r['mode']} | {'8 flips' if r['tta'] else 'off'} | {r['voxels_per_s']:,.0f} | {r['median_s']:.3f} "
+            f"| {r['compile_s']:.2f} | {speedup} |"
+        )
     if args.out:
         from medseg_jax.atomic import write_json_atomic
 

@@ -1,28 +1,44 @@
-"""Atomic file writes: write to a temporary name in the target's folder, then rename over the target.
+"""Atomic file writes, and the JSON reader that goes with the JSON writer.
 
-A reader (or a run killed mid-write) sees either the old file or the complete new one, never a part.
+Writes go to a temporary name in the target's folder, then are renamed over the target: a reader (or a
+run killed mid-write) sees either the old file or the complete new one, never a part.
+
+JSON is written strictly (``allow_nan=False``): NaN and infinity are not JSON, and other tools reject
+files holding them. Values that may legitimately be NaN or infinite (metrics of empty masks) go
+through :func:`json_safe` first, which writes them as ``null`` and ``"inf"``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
-import tempfile
+import secrets
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-
-def current_umask() -> int:
-    """The process umask (reading it means setting it; done once at import, before threads start)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+from medseg_jax.errors import DataError
 
 
-_UMASK = current_umask()
+def _create_temporary(folder: Path, suffix: str) -> Path:
+    """Create a new empty file with a random hidden name in ``folder`` and return its path.
+
+    Created with mode 0o666 filtered by the process umask, exactly as a plain ``open(path, "w")``
+    would, so the final file gets the usual permissions without reading (and so briefly changing) the
+    umask. ``tempfile.mkstemp`` would make it 0o600.
+    """
+    while True:
+        path = folder / f".tmp-{secrets.token_hex(8)}{suffix}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return path
 
 
 @contextlib.contextmanager
@@ -35,16 +51,13 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix is None:
         suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    tmp = _create_temporary(path.parent, suffix)
     try:
-        yield Path(tmp_name)
-        # mkstemp creates 0600 files; give the result the permissions a plain open() would have
-        os.chmod(tmp_name, 0o666 & ~_UMASK)
-        os.replace(tmp_name, path)
+        yield tmp
+        os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -63,5 +76,55 @@ def _json_default(value):
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON (numpy values converted) atomically."""
-    return write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    """Write ``obj`` as indented JSON (numpy values converted) atomically.
+
+    NaN or infinite numbers raise ``ValueError`` naming ``path`` and nothing is written; pass
+    :func:`json_safe` ``(obj)`` where they are legitimate values.
+    """
+    try:
+        text = json.dumps(obj, indent=2, default=_json_default, allow_nan=False)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc} (NaN or infinity; write json_safe(value) where they are legitimate)") from exc
+    return write_text_atomic(path, text + "\n")
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN -> None and ±inf -> "inf" / "-inf", recursively through dicts, lists and tuples."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        if math.isnan(value):
+            return None
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return float(value)
+    return value
+
+
+_JSON_NAMES = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+
+
+def read_json(path: str | os.PathLike, expect: type | None = None) -> Any:
+    """Parse a JSON file; ``DataError`` naming the file if it is missing, unreadable or not JSON.
+
+    ``expect`` (e.g. ``dict``): the type the top-level value must have, also a ``DataError`` otherwise.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot be read ({exc})") from exc
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    if expect is not None and not isinstance(value, expect):
+        raise DataError(
+            f"{path}: expected a JSON {_JSON_NAMES.get(expect, expect.__name__)}, "
+            f"found {_JSON_NAMES.get(type(value), type(value).__name__)}"
+        )
+    return value

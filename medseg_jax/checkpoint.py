@@ -32,12 +32,18 @@ def _preservation_policy(keep: int):
     policies = getattr(ocp.checkpoint_managers, "AnyPreservationPolicy", None)
     if policies is None:  # older orbax: no composite policies, keep the latest only
         return None
-    return ocp.checkpoint_managers.AnyPreservationPolicy([
-        ocp.checkpoint_managers.LatestN(n=keep),
-        # BestN sorts ascending and keeps the last n, i.e. the highest Dice
-        ocp.checkpoint_managers.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], reverse=False, n=1,
-                                      keep_checkpoints_without_metrics=False),
-    ])
+    return ocp.checkpoint_managers.AnyPreservationPolicy(
+        [
+            ocp.checkpoint_managers.LatestN(n=keep),
+            # BestN sorts ascending and keeps the last n, i.e. the highest Dice
+            ocp.checkpoint_managers.BestN(
+                get_metric_fn=lambda metrics: metrics[BEST_METRIC],
+                reverse=False,
+                n=1,
+                keep_checkpoints_without_metrics=False,
+            ),
+        ]
+    )
 
 
 def make_manager(directory, keep: int = 2, async_save: bool = True) -> ocp.CheckpointManager:
@@ -53,15 +59,23 @@ def make_manager(directory, keep: int = 2, async_save: bool = True) -> ocp.Check
     return ocp.CheckpointManager(directory, options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict, meta: dict,
-         val_dice: float | None = None, force: bool = True) -> bool:
+def save(
+    manager: ocp.CheckpointManager,
+    step: int,
+    state,
+    data_state: dict,
+    meta: dict,
+    val_dice: float | None = None,
+    force: bool = True,
+) -> bool:
     """Start saving ``state``, ``data_state`` and ``meta`` as checkpoint ``step`` (returns at once when
     asynchronous; call ``manager.wait_until_finished()`` before exiting)."""
     metrics = None if val_dice is None else {BEST_METRIC: float(val_dice)}
     return manager.save(
         step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-                                meta=ocp.args.JsonSave(meta)),
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)
+        ),
         metrics=metrics,
         force=force,
     )
@@ -69,8 +83,9 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict, met
 
 def abstract_with_shardings(abstract_state, shardings):
     """ShapeDtypeStructs carrying the target shardings, to restore straight onto a (different) mesh."""
-    return jax.tree_util.tree_map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-                                  abstract_state, shardings)
+    return jax.tree_util.tree_map(
+        lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), abstract_state, shardings
+    )
 
 
 def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict:
@@ -83,8 +98,9 @@ def restore_step(manager: ocp.CheckpointManager, step: int, abstract_state) -> t
     """Restore checkpoint ``step`` onto ``abstract_state``'s shapes, dtypes and shardings."""
     restored = manager.restore(
         step,
-        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-                                meta=ocp.args.JsonRestore()),
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
+        ),
     )
     return restored["state"], restored["data"], restored["meta"]
 
@@ -110,20 +126,24 @@ def restore_latest_good(manager: ocp.CheckpointManager, abstract_state, check_me
     """
     skipped = []
     for step in sorted(manager.all_steps(), reverse=True):
+        # A metadata failure is kept and re-raised inside the restore try below, so it is skipped like
+        # damaged arrays are, while check_meta's own exceptions still propagate.
+        meta_error: Exception | None = None
         try:
             meta = restore_meta(manager, step)
         except Exception as exc:
-            meta = exc
-        if check_meta is not None and not isinstance(meta, Exception):
+            meta_error = exc
+        if check_meta is not None and meta_error is None:
             check_meta(meta)
         try:
-            if isinstance(meta, Exception):
-                raise meta
+            if meta_error is not None:
+                raise meta_error
             state, data_state, meta = restore_step(manager, step, abstract_state)
         except Exception as exc:  # Orbax / tensorstore raise many types for damaged files
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-            logger.warning("checkpoint %s in %s is unreadable (%s); trying an older one", step, manager.directory,
-                           reason)
+            logger.warning(
+                "checkpoint %s in %s is unreadable (%s); trying an older one", step, manager.directory, reason
+            )
             skipped.append((step, reason))
             continue
         for bad_step, _ in skipped:

@@ -8,13 +8,38 @@ import argparse
 import sys
 from pathlib import Path
 
-from medseg_jax.errors import DataError, MedsegError
+from medseg_jax.errors import DataError, MedsegError, os_error_message
+
+
+def config_argument(value: str) -> Path:
+    """``--config``: a YAML file, or the name of a preset shipped with the package (``3d_fullres``), so
+    that the presets work from an installed wheel too (:func:`medseg_jax.configs.resolve_config`)."""
+    from medseg_jax.configs import resolve_config
+
+    try:
+        return resolve_config(value)
+    except MedsegError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=None, help="YAML run config (see configs/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set train.learning_rate=3e-4 (repeatable)")
+    from medseg_jax.configs import preset_names
+
+    parser.add_argument(
+        "--config",
+        type=config_argument,
+        default=None,
+        metavar="FILE|PRESET",
+        help=f"YAML run config: a file, or a preset name ({', '.join(preset_names())})",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.learning_rate=3e-4 (repeatable)",
+    )
 
 
 def cmd_config(args) -> int:
@@ -22,7 +47,17 @@ def cmd_config(args) -> int:
 
     from medseg_jax.config import load_config, to_dict
 
-    print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
+    config = load_config(args.config, args.overrides)
+    if args.plan is None:
+        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+        return 0
+    from medseg_jax.data.plan import read_plan
+    from medseg_jax.train.setup import resolve_run
+
+    plan_path = args.plan / "plan.json" if args.plan.is_dir() else args.plan
+    run = resolve_run(config, read_plan(plan_path), device_count=args.devices, process_count=args.processes)
+    print(f"# the run as it will be trained with {plan_path}")
+    print(yaml.safe_dump(to_dict(run.config) | {"run": run.describe()}, sort_keys=False), end="")
     return 0
 
 
@@ -36,10 +71,14 @@ def cmd_synth(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    from medseg_jax.atomic import write_json_atomic
     from medseg_jax.data.dataset import load_dataset, validate_dataset
-    from medseg_jax.data.fingerprint import compute_fingerprint, save_json
-    from medseg_jax.data.plan import make_plan
+    from medseg_jax.data.fingerprint import compute_fingerprint
+    from medseg_jax.data.plan import make_plan, write_plan
+    from medseg_jax.errors import ConfigError
 
+    if args.voxel_budget is not None and not args.voxel_budget >= 1:  # checked before the long fingerprint
+        raise ConfigError(f"--voxel-budget must be a number of voxels >= 1, got {args.voxel_budget:g}")
     dataset = load_dataset(args.dataset)
     validate_dataset(dataset)
     fingerprint = compute_fingerprint(dataset, num_workers=args.workers)
@@ -48,33 +87,40 @@ def cmd_plan(args) -> int:
         denoise = {"method": "gaussian", "sigma": args.denoise_strength}
     elif args.denoise == "median":
         denoise = {"method": "median", "size": int(args.denoise_strength)}
-    plan = make_plan(fingerprint, dim=args.dim, gpu_memory_gb=args.gpu_memory_gb, hu_window=args.hu_window,
-                     denoise=denoise, clahe={"clip_limit": args.clahe} if args.clahe else None)
+    plan = make_plan(
+        fingerprint,
+        dim=args.dim,
+        gpu_memory_gb=args.gpu_memory_gb,
+        voxel_budget=args.voxel_budget,
+        hu_window=args.hu_window,
+        denoise=denoise,
+        clahe={"clip_limit": args.clahe} if args.clahe else None,
+    )
     out = Path(args.out) if args.out else Path(args.dataset) / f"plan_{args.dim}d.json"
-    save_json(fingerprint, out.with_name("fingerprint.json"))
-    save_json(plan, out)
-    print(f"plan ({args.dim}D) for {len(dataset.cases)} case(s): target spacing {plan['target_spacing']}, "
-          f"patch {plan['patch_size']}, batch {plan['batch_size']}, {plan['n_stages']} stages -> {out}")
+    write_json_atomic(out.with_name("fingerprint.json"), fingerprint)
+    write_plan(plan, out)
+    print(
+        f"plan ({args.dim}D) for {len(dataset.cases)} case(s): target spacing {plan['target_spacing']}, "
+        f"patch {plan['patch_size']}, batch {plan['batch_size']}, {plan['n_stages']} stages -> {out}"
+    )
     return 0
 
 
 def cmd_preprocess(args) -> int:
     from medseg_jax.data.dataset import load_dataset, validate_dataset
-    from medseg_jax.data.fingerprint import load_plan, save_json
+    from medseg_jax.data.plan import read_plan
     from medseg_jax.data.preprocess import preprocess_dataset
     from medseg_jax.data.store import CaseStore
 
     dataset = load_dataset(args.dataset)
     validate_dataset(dataset)
-    plan = load_plan(args.plan)
-    store = CaseStore(args.out)
-    existing = Path(args.out) / "plan.json"
-    if existing.is_file() and load_plan(existing) != plan:
-        raise DataError(f"{existing}: the store was preprocessed with another plan; use a new --out folder")
-    summary = preprocess_dataset(dataset, plan, store, num_workers=args.workers, progress=not args.quiet)
-    save_json(plan, existing)  # training reads the plan from the store
-    print(f"preprocessed {summary['written']} case(s), skipped {summary['skipped']} already in {args.out} "
-          f"({summary['seconds']:.1f} s)")
+    plan = read_plan(args.plan)
+    # the store records the plan before its first case and refuses another one (training reads it there)
+    summary = preprocess_dataset(dataset, plan, CaseStore(args.out), num_workers=args.workers, progress=not args.quiet)
+    print(
+        f"preprocessed {summary['written']} case(s), skipped {summary['skipped']} already in {args.out} "
+        f"({summary['seconds']:.1f} s)"
+    )
     return 0
 
 
@@ -87,15 +133,19 @@ def cmd_train(args) -> int:
     if config.train.deterministic:  # must be set before JAX starts its backend
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true"
     from medseg_jax.train.loop import train
+    from medseg_jax.train.setup import has_checkpoints
 
-    if not args.resume and (Path(args.out) / "checkpoints").is_dir() and any((Path(args.out) / "checkpoints").iterdir()):
-        raise DataError(f"{args.out}: holds checkpoints of an earlier run; drop --no-resume to continue it, or "
-                        "choose another --out")
-    summary = train(config, args.data, args.out, fold=args.fold, resume=args.resume, progress=not args.quiet,
-                    log=print)
-    print(f"step {summary['step']}/{summary['steps']}, final loss {summary['final_loss']:.4f}, "
-          f"pseudo-Dice {summary['pseudo_dice'] if summary['pseudo_dice'] is None else round(summary['pseudo_dice'], 4)}, "
-          f"{summary['seconds']:.1f} s on mesh {summary['mesh']} -> {args.out}")
+    if not args.resume and has_checkpoints(args.out):
+        raise DataError(
+            f"{args.out}: holds checkpoints of an earlier run; drop --no-resume to continue it, or choose another --out"
+        )
+    summary = train(config, args.data, args.out, fold=args.fold, resume=args.resume, progress=not args.quiet, log=print)
+    pseudo_dice = summary["pseudo_dice"]
+    print(
+        f"step {summary['step']}/{summary['steps']}, final loss {summary['final_loss']:.4f}, "
+        f"pseudo-Dice {pseudo_dice if pseudo_dice is None else round(pseudo_dice, 4)}, "
+        f"{summary['seconds']:.1f} s on mesh {summary['mesh']} -> {args.out}"
+    )
     return 0
 
 
@@ -103,7 +153,7 @@ def cmd_predict(args) -> int:
     import dataclasses
 
     from medseg_jax.inference.predict import predict_input
-    from medseg_jax.train.run import load_run
+    from medseg_jax.inference.run_folder import load_run
 
     model, params, plan, config = load_run(args.model, args.checkpoint)
     inference = config.inference
@@ -113,11 +163,19 @@ def cmd_predict(args) -> int:
     elif args.mirror_axes is not None:
         changes["mirror_axes"] = tuple(args.mirror_axes)
     inference = dataclasses.replace(inference, **changes)
-    summaries = predict_input(args.input, args.output, model, params, plan, inference,
-                              save_probabilities=args.save_probabilities, skip_existing=args.skip_existing,
-                              progress=not args.quiet,
-                              largest_component=False if args.largest_component is None else (args.largest_component or True),
-                              accumulate="host" if args.memory_bounded else "device")
+    summaries = predict_input(
+        args.input,
+        args.output,
+        model,
+        params,
+        plan,
+        inference,
+        save_probabilities=args.save_probabilities,
+        skip_existing=args.skip_existing,
+        progress=not args.quiet,
+        largest_component=False if args.largest_component is None else (args.largest_component or True),
+        accumulate="host" if args.memory_bounded else "device",
+    )
     for summary in summaries:
         volumes = ", ".join(f"{name} {ml:.1f} mL" for name, ml in summary.get("volume_ml", {}).items())
         print(f"{summary.get('case', '?')}: {summary.get('seconds', 0):.1f} s; {volumes}")
@@ -132,70 +190,93 @@ def cmd_predict(args) -> int:
 
 def predicted_pairs(input_path: Path, output_path: Path, num_channels: int):
     """(first-channel image, predicted label file) of each case ``predict`` wrote."""
-    from medseg_jax.data.io import is_nifti
-    from medseg_jax.inference.predict import find_cases
+    from medseg_jax.inference.predict import prediction_targets
 
-    if input_path.is_dir() and any(is_nifti(p) for p in input_path.iterdir()):
-        return [(paths[0], output_path / f"{case}.nii.gz") for case, paths in find_cases(input_path, num_channels).items()]
-    return [(input_path, output_path)]
+    return [(paths[0], target) for target, paths in prediction_targets(input_path, output_path, num_channels)]
 
 
 def report_picture(label_path: Path, class_names: dict, image_path=None, reference_path=None) -> Path:
     """Write ``<label folder>/report/<case>.png`` (three views per class) for one predicted label file."""
-    from medseg_jax.data.io import read_image, read_nifti
+    from medseg_jax.data.image_io import read_image, read_nifti
     from medseg_jax.report import report_case
 
     case = label_path.name.removesuffix(".gz").removesuffix(".nii")
     target = label_path.parent / "report" / f"{case}.png"
-    return report_case(read_nifti(label_path), target, image=None if image_path is None else read_image(image_path),
-                       reference=None if reference_path is None else read_nifti(reference_path),
-                       class_names=class_names, title=case)
+    return report_case(
+        read_nifti(label_path),
+        target,
+        image=None if image_path is None else read_image(image_path),
+        reference=None if reference_path is None else read_nifti(reference_path),
+        class_names=class_names,
+        title=case,
+    )
 
 
 def cmd_evaluate(args) -> int:
     from medseg_jax.evaluation import evaluate_folders, format_table, read_labels, write_evaluation
 
     labels = read_labels(args.labels) if args.labels else None
-    rows, summary = evaluate_folders(args.pred, args.ref, labels=labels, nsd_tolerance_mm=args.nsd_tolerance,
-                                     num_workers=args.workers, progress=not args.quiet, empty=args.empty,
-                                     surface=args.surface, inf_distance=args.inf_distance)
+    rows, summary = evaluate_folders(
+        args.pred,
+        args.ref,
+        labels=labels,
+        nsd_tolerance_mm=args.nsd_tolerance,
+        num_workers=args.workers,
+        progress=not args.quiet,
+        empty=args.empty,
+        surface=args.surface,
+        inf_distance=args.inf_distance,
+    )
     out = args.out or Path(args.pred) / "evaluation"
     written = write_evaluation(out, rows, summary)
     print(format_table(summary))
     print(f"wrote {written['metrics']} and {written['summary']}")
     if args.report:
-        from medseg_jax.inference.predict import find_cases
+        from medseg_jax.data.case_files import find_image_cases
 
         names = {v: k for k, v in (labels or {}).items()}
-        images = find_cases(args.images, 1) if args.images else {}
+        images = find_image_cases(args.images, 1) if args.images else {}
         for case in sorted({row["case"] for row in rows}):
             image = images.get(case, [None])[0]
-            picture = report_picture(Path(args.pred) / f"{case}.nii.gz", names, image_path=image,
-                                     reference_path=Path(args.ref) / f"{case}.nii.gz")
+            picture = report_picture(
+                Path(args.pred) / f"{case}.nii.gz",
+                names,
+                image_path=image,
+                reference_path=Path(args.ref) / f"{case}.nii.gz",
+            )
             print(f"report: {picture}")
     return 0
 
 
 def cmd_benchmark(args) -> int:
-    try:
-        from benchmarks.__main__ import main as benchmark_main
-    except ImportError as exc:
-        raise MedsegError("the benchmark suite lives in the repository's benchmarks/ folder: install medseg-jax "
-                          f"from a clone (pip install -e .) to run it ({exc})") from exc
-    return benchmark_main(args.suite_args)
+    from medseg_jax.bench.command import run
+
+    return run(args)
 
 
 def cmd_demo(args) -> int:
     from medseg_jax.demo import run_demo
 
-    summary = run_demo(args.out, cases=args.cases, steps=args.steps, dim=args.dim, seed=args.seed,
-                       shape=tuple(args.shape) if args.shape else None, config_path=args.config,
-                       overrides=args.overrides, progress=not args.quiet, overwrite=args.overwrite, log=print)
+    summary = run_demo(
+        args.out,
+        cases=args.cases,
+        steps=args.steps,
+        dim=args.dim,
+        seed=args.seed,
+        shape=tuple(args.shape) if args.shape else None,
+        config_path=args.config,
+        overrides=args.overrides,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+        log=print,
+    )
     for name, values in summary["metrics"].items():
         print(f"{name}: " + ", ".join(f"{metric} {value:.3f}" for metric, value in values.items()))
     det = summary["tumour_detection"]
-    print(f"tumours found: {det['detected']}/{det['reference_lesions']}, false positives {det['false_positives']}; "
-          f"{summary['seconds']['total']:.0f} s in total")
+    print(
+        f"tumours found: {det['detected']}/{det['reference_lesions']}, false positives {det['false_positives']}; "
+        f"{summary['seconds']['total']:.0f} s in total"
+    )
     print(f"report: {summary['report_dir']}/README.md")
     return 0
 
@@ -209,18 +290,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, default=None, help="synthetic cases (default from the demo config)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default from the demo config)")
     p.add_argument("--dim", type=int, choices=(2, 3), default=None, help="2D or 3D network")
-    p.add_argument("--shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
-                   help="synthetic grid size (default 96 96 32)")
+    p.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("X", "Y", "Z"),
+        help="synthetic grid size (default 96 96 32)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of data synthesis and training")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier demo in --out (by default a demo of other settings is refused and one "
-                        "of the same settings resumes)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier demo in --out (by default a demo of other settings is refused and one "
+        "of the same settings resumes)",
+    )
     add_config_args(p)
     p.set_defaults(handler=cmd_demo)
 
     p = sub.add_parser("synth", help="write a synthetic CT dataset (liver + tumours) in the nnU-Net layout")
-    p.add_argument("out", type=Path, help="dataset folder to create")
+    p.add_argument(
+        "out",
+        type=Path,
+        help="parent folder; the dataset is written to OUT/Dataset001_SynthLiver (replacing an earlier "
+        "synthetic dataset there, never other files)",
+    )
     p.add_argument("--cases", type=int, default=10, help="number of cases")
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--shape", type=int, nargs="+", default=[64, 64, 32], help="grid size x y [z]")
@@ -231,8 +326,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, choices=(2, 3), default=3, help="2D or 3D plan")
     p.add_argument("--out", type=Path, default=None, help="plan file (default DATASET/plan_{dim}d.json)")
     p.add_argument("--gpu-memory-gb", type=float, default=8.0, help="accelerator memory the patch is sized for")
-    p.add_argument("--hu-window", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
-                   help="fixed CT window instead of dataset percentiles, e.g. -175 250")
+    p.add_argument(
+        "--voxel-budget",
+        type=float,
+        default=None,
+        metavar="VOXELS",
+        help="voxels per batch (patch voxels x batch size) to size patch and batch for, instead of "
+        "--gpu-memory-gb (the demo plans with its config's batch x patch)",
+    )
+    p.add_argument(
+        "--hu-window",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LOW", "HIGH"),
+        help="fixed CT window instead of dataset percentiles, e.g. -175 250",
+    )
     p.add_argument("--denoise", choices=("gaussian", "median"), default=None, help="denoise before normalising")
     p.add_argument("--denoise-strength", type=float, default=1.0, help="gaussian sigma (mm) or median size (voxels)")
     p.add_argument("--clahe", type=float, default=None, metavar="CLIP", help="CLAHE contrast enhancement clip limit")
@@ -251,16 +360,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="store folder from `medseg-jax preprocess`")
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, metrics, curves)")
     p.add_argument("--fold", type=int, default=0, help="cross-validation fold, -1 = train on all cases")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue from the newest readable checkpoint in --out (default)")
+    p.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="continue from the newest readable checkpoint in --out (default)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_args(p)
     p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("predict", help="segment NIfTI files or a DICOM series with a trained run")
     p.add_argument("--model", type=Path, required=True, help="training run folder (from `medseg-jax train`)")
-    p.add_argument("-i", "--input", type=Path, required=True,
-                   help="a NIfTI file, a folder of NIfTI files ({case}_{XXXX}.nii.gz) or a DICOM series folder")
+    p.add_argument(
+        "-i",
+        "--input",
+        type=Path,
+        required=True,
+        help="a NIfTI file, a folder of NIfTI files ({case}_{XXXX}.nii.gz) or a DICOM series folder",
+    )
     p.add_argument("-o", "--output", type=Path, required=True, help="output .nii.gz (one case) or folder")
     p.add_argument("--checkpoint", choices=("latest", "best"), default="latest", help="which checkpoint to use")
     p.add_argument("--step", type=float, default=None, help="sliding-window step as a fraction of the patch")
@@ -268,60 +386,107 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mirror-axes", type=int, nargs="+", default=None, help="axes mirrored at test time")
     p.add_argument("--no-mirror", action="store_true", help="no mirroring test-time augmentation")
     p.add_argument("--save-probabilities", action="store_true", help="also write {case}.npz class probabilities")
-    p.add_argument("--largest-component", type=int, nargs="*", default=None, metavar="CLASS",
-                   help="keep only the largest connected component of these classes (no value: every class)")
+    p.add_argument(
+        "--largest-component",
+        type=int,
+        nargs="*",
+        default=None,
+        metavar="CLASS",
+        help="keep only the largest connected component of these classes (no value: every class)",
+    )
     p.add_argument("--memory-bounded", action="store_true", help="accumulate windows on the host (large scans)")
     p.add_argument("--skip-existing", action="store_true", help="skip cases whose output exists")
-    p.add_argument("--report", action="store_true",
-                   help="also write report/<case>.png: axial, coronal and sagittal views through each class")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="also write report/<case>.png: axial, coronal and sagittal views through each class",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_predict)
 
     p = sub.add_parser("evaluate", help="Dice, IoU, HD95, ASSD, NSD and volumes of predictions against references")
     p.add_argument("--pred", type=Path, required=True, help="folder of predicted label maps (NIfTI)")
     p.add_argument("--ref", type=Path, required=True, help="folder of reference label maps, matched by file name")
-    p.add_argument("--labels", type=Path, default=None,
-                   help="dataset.json naming the classes (default: every non-zero value in the references)")
+    p.add_argument(
+        "--labels",
+        type=Path,
+        default=None,
+        help="dataset.json naming the classes (default: every non-zero value in the references)",
+    )
     p.add_argument("--nsd-tolerance", type=float, default=1.0, help="NSD tolerance in mm (default 1.0)")
-    p.add_argument("--empty", choices=("nnunet", "monai"), default="nnunet",
-                   help="empty-mask convention: nnunet = NaN only when both are empty (default); monai = NaN "
-                        "whenever the reference is empty")
-    p.add_argument("--surface", choices=("element", "voxel"), default="element",
-                   help="surface definition: element = surface elements (DeepMind, default); voxel = MONAI edge voxels")
-    p.add_argument("--inf-distance", default=None, metavar="MM|diagonal",
-                   help="replace the inf HD95/ASSD of a one-sided empty mask by this distance in mm (BraTS: "
-                        "373.13) or by each image's diagonal (default: keep inf)")
+    p.add_argument(
+        "--empty",
+        choices=("nnunet", "monai"),
+        default="nnunet",
+        help="empty-mask convention: nnunet = NaN only when both are empty (default); monai = NaN "
+        "whenever the reference is empty",
+    )
+    p.add_argument(
+        "--surface",
+        choices=("element", "voxel"),
+        default="element",
+        help="surface definition: element = surface elements (DeepMind, default); voxel = MONAI edge voxels",
+    )
+    p.add_argument(
+        "--inf-distance",
+        default=None,
+        metavar="MM|diagonal",
+        help="replace the inf HD95/ASSD of a one-sided empty mask by this distance in mm (BraTS: "
+        "373.13) or by each image's diagonal (default: keep inf)",
+    )
     p.add_argument("--out", type=Path, default=None, help="output folder (default PRED/evaluation)")
-    p.add_argument("--report", action="store_true",
-                   help="write PRED/report/<case>.png: prediction and reference contours in three views")
-    p.add_argument("--images", type=Path, default=None,
-                   help="with --report: the images folder ({case}_0000.nii.gz) to draw under the contours")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="write PRED/report/<case>.png: prediction and reference contours in three views",
+    )
+    p.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        help="with --report: the images folder ({case}_0000.nii.gz) to draw under the contours",
+    )
     p.add_argument("--workers", type=int, default=1, help="worker processes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_evaluate)
 
-    # the suite parses its own flags (--preset smoke|nnunet --dims --dtypes --ops --runs --out --no-torch)
-    p = sub.add_parser("benchmark", help="time convs, upsampling, U-Net steps and inference (benchmarks/)",
-                       add_help=False)
+    from medseg_jax.bench.command import DESCRIPTION
+    from medseg_jax.bench.command import add_arguments as add_benchmark_arguments
+
+    p = sub.add_parser("benchmark", help="time convs, upsampling, U-Net steps and inference", description=DESCRIPTION)
+    add_benchmark_arguments(p)  # the suite's flags, shared with `python -m benchmarks`
     p.set_defaults(handler=cmd_benchmark)
 
-    p = sub.add_parser("config", help="print the resolved run config (defaults + file + overrides)")
+    p = sub.add_parser(
+        "config",
+        help="print the run config (defaults + file + overrides); with --plan, the run "
+        "as it will be trained (the plan's topology, patch, batch, crop and mesh)",
+    )
     add_config_args(p)
+    p.add_argument(
+        "--plan",
+        type=Path,
+        default=None,
+        help="plan JSON (or a store folder holding plan.json) to resolve the config against",
+    )
+    p.add_argument(
+        "--devices", type=int, default=None, help="with --plan: devices to plan the mesh for (default: this machine's)"
+    )
+    p.add_argument("--processes", type=int, default=None, help="with --plan: processes (hosts) (default: this run's)")
     p.set_defaults(handler=cmd_config)
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if args.command == "benchmark":
-        args.suite_args = extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = parser.parse_args(argv)
     try:
         return args.handler(args)
     except MedsegError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an unwritable or missing path the command was given: a message, no traceback
+        print(f"error: {os_error_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

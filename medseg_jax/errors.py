@@ -33,3 +33,11 @@ class CheckpointError(MedsegError):
 
 class TrainingError(MedsegError):
     """Training cannot continue (for example a non-finite loss)."""
+
+
+def os_error_message(exc: OSError) -> str:
+    """``"PATH: reason"`` for an operating-system error (unwritable folder, a file where a folder is
+    expected, disk full), naming the path(s) involved."""
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    reason = exc.strerror or str(exc)
+    return f"{' -> '.join(paths)}: {reason}" if paths else reason

@@ -20,6 +20,18 @@ case whose small lesion is missed does not drag it to 0 as it does the per-case 
 the class in the reference or the prediction. ``unmatched_predictions`` lists predictions without a
 reference (not evaluated).
 
+Lesion-level detection (:func:`medseg_jax.metrics.lesions.lesion_detection`: a reference component counts
+as detected when any predicted voxel of the class overlaps it, a predicted component overlapping no
+reference component is a false positive; full connectivity) is counted per case and class
+(:data:`LESION_COLUMNS` in ``metrics.csv``) and pooled per class in ``summary.json`` under ``lesions``:
+``reference_lesions``, ``detected``, ``predicted_lesions``, ``false_positives``, ``sensitivity`` (detected /
+reference lesions of all cases) and ``precision`` (predicted components that overlap a reference lesion /
+all predicted components), NaN (null) where the denominator is 0.
+
+References and predictions must be label maps: non-negative integers, and with ``labels`` given only
+the declared values (background 0 included). Anything else, such as a CT image given as a reference, is a
+:class:`DataError` naming the file.
+
 ``inf_distance`` replaces the inf HD95 / ASSD of a case whose prediction or reference is empty (but
 not both) by a finite worst value before aggregating, so that means stay finite and a miss still costs:
 a distance in mm (BraTS uses 373.13 mm) or ``"diagonal"``, the physical diagonal of that case's image
@@ -30,21 +42,21 @@ written as null and inf as the string "inf"; ``metrics.csv`` writes "nan" / "inf
 
 from __future__ import annotations
 
-import concurrent.futures
 import csv
 import io
 import json
-import multiprocessing
 import os
 from pathlib import Path
 
 import numpy as np
 
-from medseg_jax.atomic import write_json_atomic, write_text_atomic
-from medseg_jax.data.io import NIFTI_SUFFIXES, read_nifti, read_nifti_header
+from medseg_jax.atomic import json_safe, write_json_atomic, write_text_atomic
+from medseg_jax.data.case_files import find_label_files
+from medseg_jax.data.image_io import read_nifti, read_nifti_header
 from medseg_jax.errors import ConfigError, DataError
 from medseg_jax.metrics.conventions import check_convention
-from medseg_jax.metrics.overlap import dice_iou
+from medseg_jax.metrics.lesions import lesion_detection
+from medseg_jax.metrics.overlap import dice_iou_from_counts
 from medseg_jax.metrics.per_class import (
     DEFAULT_NSD_TOLERANCE_MM,
     METRIC_NAMES,
@@ -52,8 +64,11 @@ from medseg_jax.metrics.per_class import (
     segmentation_metrics,
 )
 from medseg_jax.metrics.surface import SURFACE_DEFINITIONS
+from medseg_jax.process_pool import map_in_processes
 
-COLUMNS = ("case", "class", "label", *METRIC_NAMES)
+# Per case and class, after the voxel metrics: connected components (:mod:`medseg_jax.metrics.lesions`).
+LESION_COLUMNS = ("reference_lesions", "detected_lesions", "predicted_lesions", "false_positive_lesions")
+COLUMNS = ("case", "class", "label", *METRIC_NAMES, *LESION_COLUMNS)
 AGGREGATED = ("dice", "iou", "hd95", "assd", "nsd", "volume_ref", "volume_pred", "volume_diff")
 SCORES = ("dice", "iou", "hd95", "assd", "nsd")
 
@@ -61,26 +76,30 @@ SCORES = ("dice", "iou", "hd95", "assd", "nsd")
 def read_labels(path: str | os.PathLike) -> dict[str, int]:
     """Foreground labels ``{name: value}`` from a dataset.json (nnU-Net ``{name: int}`` or MSD ``{"1": name}``).
 
-    Background (value 0) is left out. Raises ConfigError naming the file if ``labels`` is missing or
-    malformed (region-based lists are not supported).
+    Background (value 0) is left out. The rules are those of training
+    (:func:`medseg_jax.data.dataset.parse_labels`): a missing or malformed ``labels``, region-based labels,
+    ``regions_class_order`` and nnU-Net's ``ignore`` label raise ConfigError naming the file and the field.
     """
+    from medseg_jax.data.dataset import parse_labels
+
     path = Path(path)
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: cannot read labels ({exc})") from exc
-    raw = meta.get("labels") if isinstance(meta, dict) else None
-    if not isinstance(raw, dict) or not raw:
-        raise ConfigError(f"{path}: field 'labels' must be an object such as {{\"background\": 0, \"liver\": 1}}")
-    if all(isinstance(k, str) and k.isdigit() and isinstance(v, str) for k, v in raw.items()):
-        raw = {name: int(key) for key, name in raw.items()}  # MSD: "1": "liver"
-    return check_labels(raw, where=str(path))
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{path}: expected a JSON object with a field 'labels'")
+    labels, problems = parse_labels(meta)
+    if problems:
+        raise ConfigError(f"{path}: " + "; ".join(problems))
+    return check_labels(labels, where=str(path))
 
 
 def check_labels(labels: dict, where: str = "labels") -> dict[str, int]:
     """``labels`` as ``{str name: int value}`` without background (0); ConfigError if malformed."""
-    bad = {name: v for name, v in labels.items()
-           if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0}
+    bad = {
+        name: v for name, v in labels.items() if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0
+    }
     if bad:
         raise ConfigError(f"{where}: label values must be non-negative integers (one per name), got {bad}")
     out = {str(name): int(v) for name, v in labels.items() if int(v) != 0}
@@ -91,39 +110,31 @@ def check_labels(labels: dict, where: str = "labels") -> dict[str, int]:
     return out
 
 
-def find_cases(folder: str | os.PathLike) -> dict[str, Path]:
-    """``{case: path}`` of the NIfTI files directly in ``folder`` (hidden files skipped)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: folder not found")
-    cases: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        ending = next((e for e in NIFTI_SUFFIXES if path.name.endswith(e)), None)
-        if ending is None or path.name.startswith(".") or not path.is_file():
-            continue
-        case = path.name[: -len(ending)]
-        if case in cases:
-            raise DataError(f"{folder}: case {case!r} has two files ({cases[case].name}, {path.name})")
-        cases[case] = path
-    return cases
-
-
-def evaluate_folders(pred_dir, ref_dir, labels: dict[str, int] | None = None,
-                     nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM, num_workers: int = 1, progress: bool = True,
-                     empty: str = "nnunet", surface: str = "element", affine_tolerance: float = 1e-3,
-                     inf_distance: float | str | None = None) -> tuple[list[dict], dict]:
+def evaluate_folders(
+    pred_dir,
+    ref_dir,
+    labels: dict[str, int] | None = None,
+    nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
+    num_workers: int = 1,
+    progress: bool = True,
+    empty: str = "nnunet",
+    surface: str = "element",
+    affine_tolerance: float = 1e-3,
+    inf_distance: float | str | None = None,
+) -> tuple[list[dict], dict]:
     """Evaluate every reference in ``ref_dir`` against the prediction of the same name in ``pred_dir``.
 
-    ``labels``: ``{name: value}`` of the classes to evaluate (background 0 ignored); default: every
-    non-zero value found in the references, named by its value (values found only in predictions are then
-    not evaluated). ``empty`` / ``surface``: see :func:`medseg_jax.metrics.segmentation_metrics`.
+    ``labels``: ``{name: value}`` of the classes (background 0 ignored); a reference or prediction holding
+    another value is an error naming the file. Default: every non-zero value found in the references, named
+    by its value (values found only in predictions are then not evaluated). ``empty`` / ``surface``: see
+    :func:`medseg_jax.metrics.segmentation_metrics`.
     Affines must agree entry-wise within ``affine_tolerance`` (mm). ``inf_distance``: see the module
     docstring (None, a distance in mm, or ``"diagonal"``).
 
     Returns ``(rows, summary)``: one row per case x class (keys :data:`COLUMNS`, cases sorted) and the
     summary described in the module docstring. Raises DataError listing the references without a
-    prediction, or naming every case whose shape or affine differ, before any metric is computed; nothing
-    is written.
+    prediction, or naming every case whose shape or affine differ, before any metric is computed, and
+    naming the first file that is no label map (see the module docstring); nothing is written.
     """
     from tqdm.auto import tqdm
 
@@ -134,7 +145,7 @@ def evaluate_folders(pred_dir, ref_dir, labels: dict[str, int] | None = None,
         raise ConfigError(f"NSD tolerance must be >= 0 mm, got {nsd_tolerance_mm}")
     labels = None if labels is None else check_labels(labels)
     inf_distance = check_inf_distance(inf_distance)
-    refs, preds = find_cases(ref_dir), find_cases(pred_dir)
+    refs, preds = find_label_files(ref_dir), find_label_files(pred_dir)
     if not refs:
         raise DataError(f"{ref_dir}: no reference NIfTI files (.nii.gz / .nii)")
     missing = sorted(set(refs) - set(preds))
@@ -142,22 +153,32 @@ def evaluate_folders(pred_dir, ref_dir, labels: dict[str, int] | None = None,
         raise DataError(f"{pred_dir}: no prediction for {len(missing)} reference case(s): {', '.join(missing)}")
     _check_geometry(refs, preds, affine_tolerance)
     classes = None if labels is None else sorted(labels.values())
-    jobs = [(case, str(preds[case]), str(refs[case]), classes, nsd_tolerance_mm, empty, surface, inf_distance)
-            for case in refs]
+    jobs = [
+        (case, str(preds[case]), str(refs[case]), classes, nsd_tolerance_mm, empty, surface, inf_distance)
+        for case in refs
+    ]
+    results = []
     with tqdm(total=len(jobs), desc="evaluate", unit="case", disable=not progress) as bar:
-        results = _run(jobs, num_workers, bar)
+        for result in map_in_processes(_evaluate_case, jobs, num_workers):
+            results.append(result)
+            bar.update(1)
     if labels is None:
         found = sorted(set().union(*(present for _, present, _, _ in results)))
         if not found:
             raise DataError(f"{ref_dir}: no reference contains a foreground label; pass the labels to evaluate")
         labels = {str(k): k for k in found}
     rows = []
-    for case, _, dim, per_class in results:
+    for case, _, _, per_class in results:
         for name, value in labels.items():
-            metrics = per_class.get(value) or empty_case_metrics(empty)
+            metrics = per_class.get(value) or {**empty_case_metrics(empty), **dict.fromkeys(LESION_COLUMNS, 0)}
             rows.append({"case": case, "class": name, "label": value, **metrics})
-    settings = {"nsd_tolerance_mm": nsd_tolerance_mm, "empty": empty, "surface": surface,
-                "inf_distance": inf_distance, "dims": sorted({dim for _, _, dim, _ in results})}
+    settings = {
+        "nsd_tolerance_mm": nsd_tolerance_mm,
+        "empty": empty,
+        "surface": surface,
+        "inf_distance": inf_distance,
+        "dims": sorted({dim for _, _, dim, _ in results}),
+    }
     summary = summarize(rows, labels, settings)
     summary["unmatched_predictions"] = sorted(set(preds) - set(refs))
     return rows, summary
@@ -171,6 +192,7 @@ def summarize(rows: list[dict], labels: dict[str, int], settings: dict) -> dict:
         for metric in AGGREGATED:
             entry[metric] = _aggregate([r[metric] for r in rows if r["label"] == value])
         entry["dice_global"] = pooled_dice([r for r in rows if r["label"] == value])
+        entry["lesions"] = pooled_lesions([r for r in rows if r["label"] == value])
         per_class[name] = entry
     foreground = {}
     for metric in SCORES:
@@ -188,8 +210,10 @@ def summarize(rows: list[dict], labels: dict[str, int], settings: dict) -> dict:
             "nsd_tolerance_mm": settings["nsd_tolerance_mm"],
             "hd_percentile": 95,
             "volume_unit": " / ".join(units),
-            "aggregation": ("mean, median and std (ddof 0) over the cases whose value is not NaN; inf values are "
-                            "kept (mean inf, std NaN); count = cases not NaN"),
+            "aggregation": (
+                "mean, median and std (ddof 0) over the cases whose value is not NaN; inf values are "
+                "kept (mean inf, std NaN); count = cases not NaN"
+            ),
         },
         "classes": per_class,
         "foreground_mean": foreground,
@@ -199,7 +223,20 @@ def summarize(rows: list[dict], labels: dict[str, int], settings: dict) -> dict:
 def pooled_dice(rows: list[dict]) -> float:
     """Dice of the voxels of all ``rows`` together (their ``tp``, ``fp``, ``fn`` counts); NaN if all empty."""
     tp, fp, fn = (sum(int(r[k]) for r in rows) for k in ("tp", "fp", "fn"))
-    return dice_iou(tp, fp, fn, empty="nnunet")[0]
+    return float(dice_iou_from_counts(tp, fp, fn, empty="nnunet")[0])
+
+
+def pooled_lesions(rows: list[dict]) -> dict:
+    """Lesion detection of all ``rows`` together (:data:`LESION_COLUMNS` summed; see the module docstring)."""
+    reference, detected, predicted, false_positives = (sum(int(r[k]) for r in rows) for k in LESION_COLUMNS)
+    return {
+        "reference_lesions": reference,
+        "detected": detected,
+        "predicted_lesions": predicted,
+        "false_positives": false_positives,
+        "sensitivity": detected / reference if reference else float("nan"),
+        "precision": (predicted - false_positives) / predicted if predicted else float("nan"),
+    }
 
 
 def write_evaluation(out_dir: str | os.PathLike, rows: list[dict], summary: dict) -> dict[str, Path]:
@@ -211,31 +248,49 @@ def write_evaluation(out_dir: str | os.PathLike, rows: list[dict], summary: dict
     writer.writerows({c: row[c] for c in COLUMNS} for row in rows)
     paths = {"metrics": out_dir / "metrics.csv", "summary": out_dir / "summary.json"}
     write_text_atomic(paths["metrics"], buffer.getvalue())
-    write_json_atomic(paths["summary"], _json_safe(summary))
+    write_json_atomic(paths["summary"], json_safe(summary))
     return paths
 
 
 def format_table(summary: dict) -> str:
     """A plain-text table of the class means (+- std) of every score and the mean volume difference."""
     conventions = summary["conventions"]
-    headers = ["class", "cases", "Dice", "global Dice", "IoU", "HD95 mm", "ASSD mm",
-               f"NSD@{conventions['nsd_tolerance_mm']:g}mm", f"dVol {conventions['volume_unit']}"]
+    headers = [
+        "class",
+        "cases",
+        "Dice",
+        "global Dice",
+        "IoU",
+        "HD95 mm",
+        "ASSD mm",
+        f"NSD@{conventions['nsd_tolerance_mm']:g}mm",
+        f"dVol {conventions['volume_unit']}",
+        "lesions found",
+    ]
     lines = []
     for name, entry in summary["classes"].items():
         nan = entry["dice"]["count_nan"]
         cases = f"{entry['dice']['count']}" + (f" (+{nan} NaN)" if nan else "")
         scores = [_mean_std(entry[m]) for m in (*SCORES, "volume_diff")]
-        lines.append([name, cases, scores[0], f"{entry['dice_global']:.4f}", *scores[1:]])
+        lesions = entry["lesions"]
+        found = f"{lesions['detected']}/{lesions['reference_lesions']}, {lesions['false_positives']} FP"
+        lines.append([name, cases, scores[0], f"{entry['dice_global']:.4f}", *scores[1:], found])
     fg = summary["foreground_mean"]
     fg_scores = [f"{fg[m]:.4g}" for m in SCORES]
-    lines.append(["mean", "", fg_scores[0], "", *fg_scores[1:], ""])
+    lines.append(["mean", "", fg_scores[0], "", *fg_scores[1:], "", ""])
     widths = [max(len(str(row[i])) for row in [headers] + lines) for i in range(len(headers))]
     text = [" ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [headers] + lines]
     worst = conventions.get("inf_distance")
-    replaced = "" if worst is None else "; inf HD95/ASSD replaced by " + (
-        "each image's diagonal" if worst == "diagonal" else f"{worst:g} mm")
-    text.append(f"empty masks: {conventions['empty']} ({conventions['empty_description']}); "
-                f"surface: {conventions['surface']}{replaced}")
+    replaced = (
+        ""
+        if worst is None
+        else "; inf HD95/ASSD replaced by " + ("each image's diagonal" if worst == "diagonal" else f"{worst:g} mm")
+    )
+    text.append(
+        f"empty masks: {conventions['empty']} ({conventions['empty_description']}); "
+        f"surface: {conventions['surface']}{replaced}; lesions: connected components, found when "
+        "overlapped, FP = predicted components touching none"
+    )
     return "\n".join(text)
 
 
@@ -254,34 +309,14 @@ def _check_geometry(refs: dict[str, Path], preds: dict[str, Path], tolerance: fl
         if ref_shape != pred_shape:
             problems.append(f"case {case}: prediction shape {pred_shape} != reference shape {ref_shape}")
         elif not np.allclose(ref_affine, pred_affine, rtol=0.0, atol=tolerance):
-            problems.append(f"case {case}: prediction affine differs from the reference affine "
-                            f"(max difference {np.max(np.abs(ref_affine - pred_affine)):.4g} mm)")
+            problems.append(
+                f"case {case}: prediction affine differs from the reference affine "
+                f"(max difference {np.max(np.abs(ref_affine - pred_affine)):.4g} mm)"
+            )
     if problems:
-        raise DataError("geometry mismatch between predictions and references:\n"
-                        + "\n".join(f"  - {p}" for p in problems))
-
-
-def _run(jobs: list, num_workers: int, bar) -> list:
-    if num_workers <= 1:
-        results = []
-        for job in jobs:
-            results.append(_evaluate_case(*job))
-            bar.update(1)
-        return results
-    # "spawn" keeps workers free of any JAX state the parent process may hold.
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
-        futures = [pool.submit(_evaluate_case, *job) for job in jobs]
-        try:
-            results = []
-            for future in futures:
-                results.append(future.result())
-                bar.update(1)
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
-    return results
+        raise DataError(
+            "geometry mismatch between predictions and references:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
 
 
 def check_inf_distance(value) -> float | str | None:
@@ -308,10 +343,11 @@ def image_diagonal_mm(shape, spacing) -> float:
 
 
 def _evaluate_case(case, pred_path, ref_path, classes, nsd_tolerance_mm, empty, surface, inf_distance=None):
-    """Worker: ``(case, labels present in the reference, dim, {class: metrics})`` for one case."""
+    """Worker: ``(case, labels present in the reference, dim, {class: metrics and lesion counts})``."""
     reference, prediction = read_nifti(ref_path), read_nifti(pred_path)
-    ref = _integer_labels(reference.array, case, ref_path)
-    pred = _integer_labels(prediction.array, case, pred_path)
+    declared = None if classes is None else {0, *classes}
+    ref = label_map(reference.array, case, ref_path, declared)
+    pred = label_map(prediction.array, case, pred_path, declared)
     spacing = reference.spacing
     if ref.ndim == 3 and 1 in ref.shape:  # a single-slice 3D file holds a 2D image
         keep = [a for a, n in enumerate(ref.shape) if n != 1]
@@ -320,20 +356,36 @@ def _evaluate_case(case, pred_path, ref_path, classes, nsd_tolerance_mm, empty, 
             spacing = tuple(spacing[a] for a in keep)
     present = {int(k) for k in np.unique(ref) if k != 0}
     todo = classes if classes is not None else sorted(present | {int(k) for k in np.unique(pred) if k != 0})
-    metrics = segmentation_metrics(pred, ref, spacing, todo, nsd_tolerance_mm=nsd_tolerance_mm, empty=empty,
-                                   surface=surface)
+    metrics = segmentation_metrics(
+        pred, ref, spacing, todo, nsd_tolerance_mm=nsd_tolerance_mm, empty=empty, surface=surface
+    )
     if inf_distance is not None:
         worst = image_diagonal_mm(ref.shape, spacing) if inf_distance == "diagonal" else inf_distance
         metrics = {k: replace_infinite_distances(m, worst) for k, m in metrics.items()}
+    metrics = {k: {**m, **lesion_counts(pred, ref, k)} for k, m in metrics.items()}
     return case, present, ref.ndim, metrics
 
 
-def _integer_labels(array: np.ndarray, case: str, path) -> np.ndarray:
-    if np.issubdtype(array.dtype, np.integer) or array.dtype == bool:
-        return array.astype(np.int64, copy=False)
-    if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
-        raise DataError(f"case {case}: {path} is not a label map (non-integer values)")
-    return array.astype(np.int64)
+def lesion_counts(prediction: np.ndarray, reference: np.ndarray, class_id: int) -> dict:
+    """One case's :data:`LESION_COLUMNS` for one class (:func:`~medseg_jax.metrics.lesions.lesion_detection`)."""
+    found = lesion_detection(prediction, reference, class_id)
+    return dict(
+        zip(
+            LESION_COLUMNS,
+            (found["reference_lesions"], found["detected"], found["predicted_lesions"], found["false_positives"]),
+        )
+    )
+
+
+def label_map(array: np.ndarray, case: str, path, declared: set[int] | None = None) -> np.ndarray:
+    """``array`` as int64 labels; DataError naming the file if it is no label map (of ``declared`` values)."""
+    from medseg_jax.data.dataset import label_value_problem
+
+    values = np.unique(array)
+    problem = label_value_problem(values, declared, source=f"the labels {sorted(declared or ())}")
+    if problem is not None:
+        raise DataError(f"case {case}: {path} is not a label map: it {problem}")
+    return array.astype(np.int64, copy=False)
 
 
 def _aggregate(values: list[float]) -> dict:
@@ -343,8 +395,12 @@ def _aggregate(values: list[float]) -> dict:
     if kept.size:
         with np.errstate(invalid="ignore"):
             stats = {"mean": float(np.mean(kept)), "median": float(np.median(kept)), "std": float(np.std(kept))}
-    return {**stats, "count": int(kept.size), "count_nan": int(array.size - kept.size),
-            "count_inf": int(np.isinf(kept).sum())}
+    return {
+        **stats,
+        "count": int(kept.size),
+        "count_nan": int(array.size - kept.size),
+        "count_inf": int(np.isinf(kept).sum()),
+    }
 
 
 def _mean_std(stats: dict) -> str:
@@ -354,18 +410,3 @@ def _mean_std(stats: dict) -> str:
     if np.isinf(mean):  # some case had an empty mask: the median still says something
         return f"{mean:.4g} (median {stats['median']:.4g})"
     return f"{mean:.4g}" if np.isnan(std) else f"{mean:.4g} +- {std:.2g}"
-
-
-def _json_safe(value):
-    """NaN -> None, ±inf -> "inf" / "-inf", recursively (strict JSON has neither)."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        if np.isnan(value):
-            return None
-        if np.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return float(value)
-    return value

@@ -7,7 +7,7 @@ to no term. Every loss returns a float32 scalar.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -71,8 +71,12 @@ def dice_ce_loss(
 ):
     """nnU-Net's ``DC_and_CE_loss``: ``ce_weight * CE + dice_weight * (1 - soft Dice)``, 1:1 by default."""
     dice = soft_dice_loss(
-        logits, labels, smooth=smooth, include_background=include_background,
-        batch_dice=batch_dice, ignore_index=ignore_index,
+        logits,
+        labels,
+        smooth=smooth,
+        include_background=include_background,
+        batch_dice=batch_dice,
+        ignore_index=ignore_index,
     )
     ce = cross_entropy_loss(logits, labels, ignore_index=ignore_index)
     return ce_weight * ce + dice_weight * dice

@@ -17,7 +17,8 @@ import math
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from medseg_jax.errors import ConfigError
 
@@ -34,8 +35,9 @@ def initialize_distributed(distributed_config) -> None:
     if c.coordinator_address is None:
         jax.distributed.initialize()
     else:
-        jax.distributed.initialize(coordinator_address=c.coordinator_address, num_processes=c.num_processes,
-                                   process_id=c.process_id)
+        jax.distributed.initialize(
+            coordinator_address=c.coordinator_address, num_processes=c.num_processes, process_id=c.process_id
+        )
 
 
 def mesh_shape(mesh_config, device_count: int) -> tuple[int, int]:
@@ -77,15 +79,6 @@ def batch_shardings(mesh: Mesh, spatial_dims: int) -> dict:
     }
 
 
-def check_batch_divisible(mesh: Mesh, batch_size: int, patch_size) -> None:
-    data, spatial = mesh.shape[DATA_AXIS], mesh.shape[SPATIAL_AXIS]
-    if batch_size % data:
-        raise ConfigError(f"data.batch_size={batch_size} is not divisible by mesh.data={data}")
-    if patch_size[0] % spatial:
-        raise ConfigError(f"the first patch axis ({patch_size[0]}, with any augmentation margin) is not divisible "
-                          f"by mesh.spatial={spatial}")
-
-
 def param_spec(shape, data_size: int, fsdp_min_size: int | None) -> P:
     """Replicated, or (FSDP) split along the largest axis divisible by the data-axis size when the
     array has at least ``fsdp_min_size`` elements."""
@@ -94,7 +87,7 @@ def param_spec(shape, data_size: int, fsdp_min_size: int | None) -> P:
     candidates = [a for a in np.argsort(shape)[::-1] if shape[a] % data_size == 0]
     if not candidates:
         return P()
-    spec = [None] * len(shape)
+    spec: list[str | None] = [None] * len(shape)
     spec[int(candidates[0])] = DATA_AXIS
     return P(*spec)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +26,13 @@ def _save(fig, path) -> Path:
     return Path(path)
 
 
-def plot_training_curve(history: list[dict], path, title: str = "training", validation: list[dict] = (),
-                        validation_label: str = "validation Dice") -> Path:
+def plot_training_curve(
+    history: list[dict],
+    path,
+    title: str = "training",
+    validation: Sequence[dict] = (),
+    validation_label: str = "validation Dice",
+) -> Path:
     """Training loss against step, with validation pseudo-Dice / Dice on a second axis when given
     (``validation_label`` names what the Dice was measured on)."""
     plt = _figure()
@@ -38,11 +45,13 @@ def plot_training_curve(history: list[dict], path, title: str = "training", vali
     if validation:
         dice_ax = ax.twinx()
         steps = [v["step"] for v in validation]
-        handles += dice_ax.plot(steps, [v["val_dice"] for v in validation], "o-", color="tab:green", ms=3,
-                                label=validation_label)
+        handles += dice_ax.plot(
+            steps, [v["val_dice"] for v in validation], "o-", color="tab:green", ms=3, label=validation_label
+        )
         if "pseudo_dice" in validation[0]:
-            handles += dice_ax.plot(steps, [v["pseudo_dice"] for v in validation], "--", color="tab:olive",
-                                    label="pseudo-Dice (EMA)")
+            handles += dice_ax.plot(
+                steps, [v["pseudo_dice"] for v in validation], "--", color="tab:olive", label="pseudo-Dice (EMA)"
+            )
         dice_ax.set_ylim(0, 1)
         dice_ax.set_ylabel("Dice")
     ax.legend(handles=handles, loc="upper right", fontsize=8)
@@ -63,13 +72,17 @@ def _display(plane: np.ndarray) -> np.ndarray:
     return np.asarray(plane).T[::-1, ::-1]
 
 
+def _take_plane(array, index: int, axis: int):
+    """The slice ``index`` along ``axis`` of ``array`` (None stays None: an absent image or reference)."""
+    return None if array is None else np.take(array, index, axis=axis)
+
+
 def _draw_plane(plt, ax, image, reference, prediction, class_names, window, aspect=1.0) -> list:
     """CT plane in ``window`` (or a label map in gray when ``image`` is None) with per-class contours:
     reference solid, prediction dashed. Returns legend handles of the classes drawn."""
     background = image if image is not None else (reference if reference is not None else prediction)
     limits = window if image is not None else (0, max(1, int(np.max(background))))
-    ax.imshow(_display(background), cmap="gray", vmin=limits[0], vmax=limits[1], interpolation="nearest",
-              aspect=aspect)
+    ax.imshow(_display(background), cmap="gray", vmin=limits[0], vmax=limits[1], interpolation="nearest", aspect=aspect)
     present = set(np.unique(prediction).tolist())
     if reference is not None:
         present |= set(np.unique(reference).tolist())
@@ -92,8 +105,15 @@ def _legend(plt, ax, handles, with_reference: bool) -> None:
     ax.legend(handles=handles, loc="lower right", fontsize=7, framealpha=0.6)
 
 
-def plot_overlay(image_slice: np.ndarray, reference_slice: np.ndarray, prediction_slice: np.ndarray, path,
-                 title: str = "", class_names: dict[int, str] | None = None, window=(-175.0, 250.0)) -> Path:
+def plot_overlay(
+    image_slice: np.ndarray,
+    reference_slice: np.ndarray,
+    prediction_slice: np.ndarray,
+    path,
+    title: str = "",
+    class_names: dict[int, str] | None = None,
+    window=(-175.0, 250.0),
+) -> Path:
     """One axial slice (RAS voxel order ``(x, y)``) in a CT window with reference (solid) and prediction
     (dashed) contours per class, drawn radiologically."""
     plt = _figure()
@@ -114,14 +134,24 @@ def largest_extent_index(mask: np.ndarray, axis: int) -> int:
     return int(np.argmax(counts)) if counts.any() else mask.shape[axis] // 2
 
 
-def plot_case_views(image, prediction, reference, spacing, path, title: str = "",
-                    class_names: dict[int, str] | None = None, window=(-175.0, 250.0)) -> Path:
+def plot_case_views(
+    image,
+    prediction,
+    reference,
+    spacing,
+    path,
+    title: str = "",
+    class_names: dict[int, str] | None = None,
+    window=(-175.0, 250.0),
+) -> Path:
     """Axial, coronal and sagittal planes of a 3D case (arrays in RAS voxel order, ``spacing`` in mm per
     axis), one row per foreground class through that class's largest extent in each view, with the
     prediction (dashed) and, when given, the reference (solid) as contours over the image (or over the
     label map when ``image`` is None). A 2D case gives one panel."""
     plt = _figure()
-    present = set(np.unique(prediction).tolist()) | (set(np.unique(reference).tolist()) if reference is not None else set())
+    present = set(np.unique(prediction).tolist()) | (
+        set(np.unique(reference).tolist()) if reference is not None else set()
+    )
     classes = sorted(present - {0}) or [0]
     if prediction.ndim == 2:
         fig, axes = plt.subplots(1, 1, figsize=(5, 5), squeeze=False)
@@ -134,10 +164,18 @@ def plot_case_views(image, prediction, reference, spacing, path, title: str = ""
             union = (prediction == k) | (reference == k if reference is not None else False)
             for col, (view, axis) in enumerate(views):
                 index = largest_extent_index(union, axis)
-                take = lambda a: None if a is None else np.take(a, index, axis=axis)
+                take = functools.partial(_take_plane, index=index, axis=axis)
                 u, v = [a for a in range(3) if a != axis]
-                drawn = _draw_plane(plt, axes[row, col], take(image), take(reference), take(prediction),
-                                    class_names, window, aspect=spacing[v] / spacing[u])
+                drawn = _draw_plane(
+                    plt,
+                    axes[row, col],
+                    take(image),
+                    take(reference),
+                    take(prediction),
+                    class_names,
+                    window,
+                    aspect=spacing[v] / spacing[u],
+                )
                 handles = handles if len(handles) >= len(drawn) else drawn
                 name = (class_names or {}).get(int(k), f"class {k}")
                 axes[row, col].set_title(f"{view} {index} (largest {name})", fontsize=8)
@@ -151,11 +189,12 @@ def plot_case_views(image, prediction, reference, spacing, path, title: str = ""
 
 
 def report_case(prediction, path, image=None, reference=None, class_names=None, title: str = "") -> Path:
-    """:func:`plot_case_views` for :class:`~medseg_jax.data.io.Volume` s in any orientation (reoriented
+    """:func:`plot_case_views` for :class:`~medseg_jax.data.volume.Volume` s in any orientation (reoriented
     to RAS first; all must share the prediction's grid)."""
-    from medseg_jax.data.io import to_ras
+    from medseg_jax.data.volume import to_ras
 
     pred = to_ras(prediction)
     as_ras = lambda v: None if v is None else to_ras(v).array
-    return plot_case_views(as_ras(image), pred.array, as_ras(reference), pred.spacing, path, title=title,
-                           class_names=class_names)
+    return plot_case_views(
+        as_ras(image), pred.array, as_ras(reference), pred.spacing, path, title=title, class_names=class_names
+    )

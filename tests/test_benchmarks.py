@@ -1,11 +1,18 @@
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from benchmarks import cases, torch_baseline
-from benchmarks.suite import run_benchmarks
+from medseg_jax.bench import cases, command, suite, torch_baseline
+from medseg_jax.bench.suite import run_benchmarks
+from medseg_jax.cli import main as cli_main
 from medseg_jax.errors import ConfigError
 from medseg_jax.kernels.autotune import OpCase
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_analytic_flop_convention_by_hand():
@@ -22,6 +29,82 @@ def test_bad_arguments_name_the_choices():
         run_benchmarks("huge")
     with pytest.raises(ConfigError, match="train_step"):
         run_benchmarks("smoke", operations=("everything",))
+
+
+def test_command_line_vocabulary_is_the_suites():
+    assert set(command.PRESETS) == set(cases.PRESETS) == set(suite.DEFAULT_RUNS)
+    assert suite.OPERATIONS is command.OPERATIONS
+
+
+def test_benchmark_subcommand_rejects_bad_flags_before_running(capsys):
+    for argv in (
+        ["benchmark", "--preset", "huge"],
+        ["benchmark", "--runs", "0"],
+        ["benchmark", "--ops", "x"],
+        ["benchmark", "--no-such-flag"],
+    ):
+        with pytest.raises(SystemExit) as exc:
+            cli_main(argv)
+        assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'huge'" in err and "must be at least 1" in err and "unrecognized arguments" in err
+
+
+def test_smoke_run_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "results"
+    assert (
+        cli_main(
+            [
+                "benchmark",
+                "--preset",
+                "smoke",
+                "--dims",
+                "2",
+                "--ops",
+                "conv",
+                "--runs",
+                "1",
+                "--no-torch",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    table = capsys.readouterr().out
+    assert "| 2D | float32 | conv fwd |" in table and "| 2D | float32 | conv fwd+bwd |" in table
+    saved = json.loads(next(out.glob("*.json")).read_text())
+    assert saved["meta"]["operations"] == ["conv"] and saved["meta"]["runs"] == 1
+    assert {r["group"] for r in saved["results"]} == {"conv fwd", "conv fwd+bwd"}
+
+
+def run_from(cwd, *args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+
+
+def test_clone_shim_and_scripts_parse_the_same_flags(tmp_path):
+    shim = run_from(REPO, "-m", "benchmarks", "--help")
+    assert shim.returncode == 0, shim.stderr
+    assert shim.stdout.startswith("usage: python -m benchmarks") and "--no-torch" in shim.stdout
+    for script in ("bench_augment.py", "bench_sliding_window.py", "augmentation_effect.py"):
+        result = run_from(tmp_path, str(REPO / "benchmarks" / script), "--help")  # run as a file, anywhere
+        assert result.returncode == 0, (script, result.stderr)
+        assert "--out" in result.stdout
+
+
+def test_benchmarks_folder_is_not_an_installed_package(tmp_path):
+    # Outside the clone, `benchmarks` must not import: the wheel (and the editable install) ship only
+    # medseg_jax, the suite as medseg_jax.bench.
+    result = run_from(tmp_path, "-c", "import importlib.util; print(importlib.util.find_spec('benchmarks'))")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "None"
 
 
 def test_smoke_run_writes_json_and_markdown(tmp_path):

@@ -21,6 +21,7 @@ def test_yaml_and_overrides(tmp_path):
 
 def test_round_trip_through_yaml(tmp_path):
     c = load_config(None, ["model.strides=[[1,2,2],[2,2,2]]", "model.n_stages=2", "train.ema_decay=0.999"])
+    assert c.model.spatial_dims is None  # topology fields stay null until resolved against a plan
     save_config(c, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == c
 
@@ -39,6 +40,22 @@ def test_round_trip_through_yaml(tmp_path):
         ("train.optimizer=adam", "train.optimizer: 'adam' is not one of"),
         ("nosuchsection.x=1", "unknown config key(s) nosuchsection"),
         ("trainsteps", "must look like section.key=value"),
+        ("train.learning_rate=-0.01", "train.learning_rate: -0.01 must be > 0.0"),  # gradient ascent
+        ("train.steps=-5", "train.steps: -5 must be >= 1"),
+        ("train.steps=0", "train.steps: 0 must be >= 1"),
+        ("train.learning_rate=.nan", "train.learning_rate: expected a finite number"),
+        ("train.weight_decay=.inf", "train.weight_decay: expected a finite number"),
+        ("train.momentum=1.0", "train.momentum: 1.0 must be < 1.0"),
+        ("train.ema_decay=1", "train.ema_decay: 1.0 must be < 1.0"),
+        ("data.foreground_fraction=1.5", "data.foreground_fraction: 1.5 must be <= 1.0"),
+        ("data.batch_size=0", "data.batch_size: 0 must be >= 1"),
+        ("data.patch_size=[64, -64]", "data.patch_size[1]: -64 must be >= 1"),
+        ("model.features=[8, 0]", "model.features[1]: 0 must be >= 1"),
+        ("model.num_classes=1", "model.num_classes: 1 must be >= 2"),
+        ("inference.step_size=0", "inference.step_size: 0.0 must be > 0.0"),
+        ("inference.step_size=1.5", "inference.step_size: 1.5 must be <= 1.0"),
+        ("train.val_every=0", "train.val_every: 0 must be >= 1"),
+        ("mesh.data=-2", "mesh.data: -2 must be >= -1"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

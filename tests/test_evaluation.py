@@ -7,16 +7,18 @@ import math
 import numpy as np
 import pytest
 
-from medseg_jax.data.io import Volume, write_nifti
+from medseg_jax.cli import main
+from medseg_jax.data.image_io import write_nifti
+from medseg_jax.data.volume import Volume
 from medseg_jax.errors import ConfigError, DataError
 from medseg_jax.evaluation import (
     COLUMNS,
+    LESION_COLUMNS,
     evaluate_folders,
     format_table,
     read_labels,
     write_evaluation,
 )
-from medseg_jax.cli import main
 from medseg_jax.metrics import segmentation_metrics
 
 SPACING = (0.8, 1.2, 2.5)
@@ -27,8 +29,8 @@ LABELS = {"background": 0, "liver": 1, "tumour": 2}
 def make_case(rng, shape=(16, 12, 8)):
     reference = np.zeros(shape, np.uint8)
     start = rng.integers(1, 4, size=3)
-    reference[start[0]:start[0] + 8, start[1]:start[1] + 6, start[2]:start[2] + 4] = 1
-    reference[start[0] + 2:start[0] + 4, start[1] + 2:start[1] + 4, start[2] + 1:start[2] + 3] = 2
+    reference[start[0] : start[0] + 8, start[1] : start[1] + 6, start[2] : start[2] + 4] = 1
+    reference[start[0] + 2 : start[0] + 4, start[1] + 2 : start[1] + 4, start[2] + 1 : start[2] + 3] = 2
     prediction = np.roll(reference, int(rng.integers(0, 2)), axis=0)
     return prediction, reference
 
@@ -146,6 +148,98 @@ def test_read_labels_both_layouts_and_errors(tmp_path):
         read_labels(bad)
 
 
+def test_read_labels_refuses_regions_and_the_ignore_label_naming_file_and_field(tmp_path):
+    regions, ignore = tmp_path / "regions.json", tmp_path / "ignore.json"
+    regions.write_text(
+        json.dumps({"labels": {"background": 0, "liver": 1, "tumour": 2}, "regions_class_order": [1, 2]})
+    )
+    ignore.write_text(json.dumps({"labels": {**LABELS, "ignore": 3}}))
+    with pytest.raises(ConfigError, match=r"regions.json: field 'regions_class_order'"):
+        read_labels(regions)
+    with pytest.raises(ConfigError, match=r"ignore.json: field 'labels': the 'ignore' label"):
+        read_labels(ignore)
+
+
+def test_images_or_undeclared_values_given_as_label_maps_are_refused_naming_the_file(folders, tmp_path, capsys):
+    pred_dir, ref_dir, arrays = folders
+    labels_file = tmp_path / "dataset.json"
+    labels_file.write_text(json.dumps({"labels": LABELS}))
+    _, reference = arrays["case_b"]
+    # MSD names images and labels alike: a CT image (negative HU) given as the reference
+    ct = np.random.default_rng(1).integers(-1024, 1500, reference.shape).astype(np.int16)
+    write_nifti(Volume(ct, AFFINE), ref_dir / "case_b.nii.gz")
+    with pytest.raises(DataError, match=r"case case_b: .*ref/case_b.nii.gz is not a label map.*negative"):
+        evaluate_folders(pred_dir, ref_dir, LABELS, progress=False)
+    out = tmp_path / "eval"
+    assert (
+        main(
+            [
+                "evaluate",
+                "--pred",
+                str(pred_dir),
+                "--ref",
+                str(ref_dir),
+                "--labels",
+                str(labels_file),
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "case_b.nii.gz is not a label map" in err and not out.exists()
+
+    # an image of non-negative integers (MR-like) holds values the labels do not declare
+    write_nifti(Volume(np.abs(ct), AFFINE), ref_dir / "case_b.nii.gz")
+    with pytest.raises(DataError, match=r"ref/case_b.nii.gz .*not declared in the labels \[0, 1, 2\].*an image"):
+        evaluate_folders(pred_dir, ref_dir, LABELS, progress=False)
+    write_nifti(Volume(reference, AFFINE), ref_dir / "case_b.nii.gz")
+
+    # one undeclared value in a prediction, and a prediction of non-integer values
+    prediction = arrays["case_a"][0].copy()
+    prediction[0, 0, 0] = 7
+    write_nifti(Volume(prediction, AFFINE), pred_dir / "case_a.nii.gz")
+    with pytest.raises(DataError, match=r"pred/case_a.nii.gz .*values \[7\] not declared"):
+        evaluate_folders(pred_dir, ref_dir, LABELS, progress=False)
+    write_nifti(Volume(prediction.astype(np.float32) / 2, AFFINE), pred_dir / "case_a.nii.gz")
+    for labels in (LABELS, None):  # non-integer values are no label map, whatever the labels
+        with pytest.raises(DataError, match=r"pred/case_a.nii.gz .*non-integer"):
+            evaluate_folders(pred_dir, ref_dir, labels, progress=False)
+
+
+def test_lesion_detection_is_counted_per_case_and_pooled_per_class(tmp_path):
+    reference = np.zeros((20, 20, 6), np.uint8)
+    reference[2:5, 2:5, 2:4] = 1  # lesion A: found
+    reference[12:15, 12:15, 2:4] = 1  # lesion B: missed
+    prediction = np.zeros_like(reference)
+    prediction[3:6, 3:6, 2:4] = 1  # overlaps A
+    prediction[8:10, 16:18, 1] = 1  # touches no lesion: a false positive
+    empty = np.zeros_like(reference)
+    for case, (pred, ref) in {"one": (prediction, reference), "two": (empty, reference[:, ::-1].copy())}.items():
+        write_nifti(Volume(pred, AFFINE), tmp_path / "pred" / f"{case}.nii.gz")
+        write_nifti(Volume(ref, AFFINE), tmp_path / "ref" / f"{case}.nii.gz")
+    rows, summary = evaluate_folders(tmp_path / "pred", tmp_path / "ref", {"lesion": 1}, progress=False)
+    counts = {r["case"]: tuple(r[k] for k in LESION_COLUMNS) for r in rows}
+    assert counts == {"one": (2, 1, 2, 1), "two": (2, 0, 0, 0)}  # reference, detected, predicted, false positive
+    pooled = summary["classes"]["lesion"]["lesions"]
+    assert pooled == {
+        "reference_lesions": 4,
+        "detected": 1,
+        "predicted_lesions": 2,
+        "false_positives": 1,
+        "sensitivity": 0.25,
+        "precision": 0.5,
+    }
+    assert "1/4, 1 FP" in format_table(summary)
+    paths = write_evaluation(tmp_path / "eval", rows, summary)
+    with open(paths["metrics"], newline="") as f:
+        written = {r["case"]: r for r in csv.DictReader(f)}
+    assert written["one"]["false_positive_lesions"] == "1" and written["two"]["reference_lesions"] == "2"
+    assert json.loads(paths["summary"].read_text())["classes"]["lesion"]["lesions"] == pooled
+
+
 def test_bad_settings_fail_before_reading_files(tmp_path):
     with pytest.raises(ConfigError, match="surface"):
         evaluate_folders(tmp_path / "nowhere", tmp_path / "nowhere", surface="mesh", progress=False)
@@ -181,10 +275,40 @@ def test_inf_distances_can_be_replaced_by_a_worst_value(folders, tmp_path, capsy
     # the affine is stored as float32: the spacing agrees to float32 precision
     assert diagonal[missed[0]]["hd95"] == pytest.approx(want, rel=1e-6)
 
-    assert main(["evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir), "--quiet", "--inf-distance", "373.13",
-                 "--out", str(tmp_path / "eval")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--pred",
+                str(pred_dir),
+                "--ref",
+                str(ref_dir),
+                "--quiet",
+                "--inf-distance",
+                "373.13",
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
     stored = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert stored["classes"]["2"]["hd95"]["count_inf"] == 0 and stored["conventions"]["inf_distance"] == 373.13
-    assert main(["evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir), "--quiet", "--inf-distance", "far",
-                 "--out", str(tmp_path / "bad")]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--pred",
+                str(pred_dir),
+                "--ref",
+                str(ref_dir),
+                "--quiet",
+                "--inf-distance",
+                "far",
+                "--out",
+                str(tmp_path / "bad"),
+            ]
+        )
+        == 2
+    )
     assert "inf_distance" in capsys.readouterr().err and not (tmp_path / "bad").exists()

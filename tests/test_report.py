@@ -20,10 +20,12 @@ def test_three_views_one_row_per_class(tmp_path):
     reference[4:16, 4:14, 2:10] = 1
     reference[8:11, 6:9, 4:7] = 2
     prediction = np.roll(reference, 1, axis=0)
-    one_class = plot_case_views(image, (prediction == 1).astype(np.uint8), None, (1.0, 1.0, 3.0),
-                                tmp_path / "one.png", class_names={1: "liver"})
-    two_classes = plot_case_views(image, prediction, reference, (1.0, 1.0, 3.0), tmp_path / "two.png",
-                                  class_names={1: "liver", 2: "tumour"})
+    one_class = plot_case_views(
+        image, (prediction == 1).astype(np.uint8), None, (1.0, 1.0, 3.0), tmp_path / "one.png", class_names={1: "liver"}
+    )
+    two_classes = plot_case_views(
+        image, prediction, reference, (1.0, 1.0, 3.0), tmp_path / "two.png", class_names={1: "liver", 2: "tumour"}
+    )
     h1, h2 = Image.open(one_class).size[1], Image.open(two_classes).size[1]
     assert h2 > 1.6 * h1  # a second row for the second class
     assert not list(tmp_path.glob(".tmp-*"))

@@ -58,11 +58,14 @@ class Backend:
         if self.skips_unapplied:
             shape = [1] * x.ndim
             shape[axis] = x.shape[axis]
-            return sum(weights[:, t].reshape(shape) * xp.take(x, indices[:, t], axis=axis)
-                       for t in range(indices.shape[1]))
+            return sum(
+                weights[:, t].reshape(shape) * xp.take(x, indices[:, t], axis=axis) for t in range(indices.shape[1])
+            )
         size = x.shape[axis]
-        matrix = sum(weights[:, t, None] * jax.nn.one_hot(indices[:, t], size, dtype=jnp.float32)
-                     for t in range(indices.shape[1]))
+        matrix = sum(
+            weights[:, t, None] * jax.nn.one_hot(indices[:, t], size, dtype=jnp.float32)
+            for t in range(indices.shape[1])
+        )
         product = jnp.tensordot(matrix, x, axes=([1], [axis]), precision=jax.lax.Precision.HIGHEST)
         return jnp.moveaxis(product, 0, axis)
 
@@ -84,12 +87,15 @@ def _jax_map_coordinates(array, coordinates, order: int):
     lower = lower.astype(jnp.int32)
     result = 0.0
     for corner in itertools.product((0, 1), repeat=ndim):
-        index = [lower[d] + corner[d] for d in range(ndim)]
-        valid = functools.reduce(operator.and_, [(index[d] >= 0) & (index[d] < sizes[d]) for d in range(ndim)])
+        corner_index = [lower[d] + corner[d] for d in range(ndim)]
+        valid = functools.reduce(
+            operator.and_, [(corner_index[d] >= 0) & (corner_index[d] < sizes[d]) for d in range(ndim)]
+        )
         weight = functools.reduce(operator.mul, [fraction[d] if corner[d] else 1 - fraction[d] for d in range(ndim)])
-        values = array[tuple(jnp.clip(index[d], 0, sizes[d] - 1) for d in range(ndim))]
+        values = array[tuple(jnp.clip(corner_index[d], 0, sizes[d] - 1) for d in range(ndim))]
         result = result + jnp.where(valid, weight, 0.0)[(...,) + trailing] * values
-    return result.astype(array.dtype)
+    # result is an array after the first corner (ndim >= 1); asarray only tells the type checker so.
+    return jnp.asarray(result).astype(array.dtype)
 
 
 def _numpy_map_coordinates(array, coordinates, order: int):
@@ -100,8 +106,12 @@ def _numpy_map_coordinates(array, coordinates, order: int):
     if order == 0:
         coordinates = np.floor(coordinates + 0.5)
     flat = array.reshape(array.shape[:ndim] + (-1,))
-    channels = [scipy.ndimage.map_coordinates(flat[..., k], coordinates, order=order, mode="grid-constant", cval=0,
-                                              prefilter=False) for k in range(flat.shape[-1])]
+    channels = [
+        scipy.ndimage.map_coordinates(
+            flat[..., k], coordinates, order=order, mode="grid-constant", cval=0, prefilter=False
+        )
+        for k in range(flat.shape[-1])
+    ]
     return np.stack(channels, -1).reshape(coordinates.shape[1:] + array.shape[ndim:])
 
 
@@ -140,7 +150,7 @@ class KeyDraws:
         if self._block is None or self._used + size > self.BLOCK:
             self._block = jax.random.uniform(self._next_key(), (self.BLOCK,), jnp.float32)
             self._used = 0
-        values = self._block[self._used:self._used + size].reshape(shape)
+        values = self._block[self._used : self._used + size].reshape(shape)
         self._used += size
         return values
 

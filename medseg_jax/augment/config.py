@@ -10,21 +10,28 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Optional
 
 import numpy as np
 
 from medseg_jax.config import AugmentConfig  # noqa: F401  (defined with the other run configs)
+
+# nnU-Net's ANISO_THRESHOLD, the one the plan and resampling use: a 3D patch whose largest side exceeds
+# this many times its smallest is augmented in-plane only (rotating it out of plane would interpolate
+# across thick slices).
+from medseg_jax.data.resample import ANISOTROPY_THRESHOLD
 from medseg_jax.errors import ConfigError
 
-
-# nnU-Net's ANISO_THRESHOLD: a 3D patch whose largest side exceeds this many times its smallest is
-# augmented in-plane only (rotating it out of plane would interpolate across thick slices).
-ANISOTROPY_THRESHOLD = 3.0
-
 _PROBABILITIES = [f.name for f in dataclasses.fields(AugmentConfig) if f.name.endswith("probability")]
-_RANGES = ["scale_range", "elastic_magnitude", "noise_std", "blur_sigma", "brightness_range", "contrast_range",
-           "low_resolution_zoom", "gamma_range"]
+_RANGES = [
+    "scale_range",
+    "elastic_magnitude",
+    "noise_std",
+    "blur_sigma",
+    "brightness_range",
+    "contrast_range",
+    "low_resolution_zoom",
+    "gamma_range",
+]
 _POSITIVE_RANGES = ["scale_range", "blur_sigma", "brightness_range", "low_resolution_zoom", "gamma_range"]
 
 
@@ -53,7 +60,7 @@ def check_augment_config(config: AugmentConfig, spatial_dims: int) -> None:
             raise ConfigError(f"augment.mirror_axes: axis {axis} is not a spatial axis of {spatial_dims}D patches")
 
 
-def fixed_axis(config: AugmentConfig, patch_size: Sequence[int]) -> Optional[int]:
+def fixed_axis(config: AugmentConfig, patch_size: Sequence[int]) -> int | None:
     """The patch axis that spatial transforms leave alone (the through-plane axis of in-plane
     augmentation: the smallest patch side), or None when they act on every axis."""
     patch = [int(p) for p in patch_size]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Optional
 
 import jax
 import numpy as np
@@ -53,7 +52,7 @@ def _bg_uniform(draws, xp, value_range, shape=()):
     return xp.where(below, draws.uniform(low, 1.0, shape), draws.uniform(1.0, high, shape))
 
 
-def sample_spatial_parameters(draws, xp, config: AugmentConfig, ndim: int, fixed: Optional[int] = None) -> dict:
+def sample_spatial_parameters(draws, xp, config: AugmentConfig, ndim: int, fixed: int | None = None) -> dict:
     """Per-sample spatial parameters: flags ``rotate``, ``scaled``, ``elastic`` (scalar bool), ``angles``
     ``(n_planes,)`` radians (0 unless rotated), ``scale`` (1 unless scaled), ``flips`` ``(ndim,)`` +-1,
     ``magnitude`` of the elastic control points in voxels (0 unless deformed).
@@ -74,8 +73,15 @@ def sample_spatial_parameters(draws, xp, config: AugmentConfig, ndim: int, fixed
     flips = xp.where(draws.bernoulli(config.mirror_probability, (ndim,)) & allowed, -1.0, 1.0)
     elastic = draws.bernoulli(config.elastic_probability)
     magnitude = draws.uniform(*config.elastic_magnitude) * elastic
-    return dict(rotate=rotate, scaled=scaled, elastic=elastic, angles=angles, scale=scale,
-                flips=flips.astype(xp.float32), magnitude=magnitude)
+    return dict(
+        rotate=rotate,
+        scaled=scaled,
+        elastic=elastic,
+        angles=angles,
+        scale=scale,
+        flips=flips.astype(xp.float32),
+        magnitude=magnitude,
+    )
 
 
 def spatial_augment(backend: Backend, draws, image, label, config: AugmentConfig, patch_size, num_classes=None):
@@ -116,8 +122,9 @@ def intensity_augment(backend: Backend, draws, x, config: AugmentConfig):
         chosen = draws.bernoulli(c.blur_channel_probability, (channels,))
         sigmas = draws.uniform(*c.blur_sigma, (channels, ndim))
         radius = intensity.blur_radius(c.blur_sigma[1])
-        x = backend.maybe(flag & xp.any(chosen),
-                          lambda v: xp.where(chosen, intensity.gaussian_blur(backend, v, sigmas, radius), v), x)
+        x = backend.maybe(
+            flag & xp.any(chosen), lambda v: xp.where(chosen, intensity.gaussian_blur(backend, v, sigmas, radius), v), x
+        )
     if c.brightness_probability > 0:
         flag = draws.bernoulli(c.brightness_probability)
         multiplier = _bg_uniform(draws, xp, c.brightness_range, (channels,))
@@ -130,8 +137,11 @@ def intensity_augment(backend: Backend, draws, x, config: AugmentConfig):
         flag = draws.bernoulli(c.low_resolution_probability)
         chosen = draws.bernoulli(c.low_resolution_channel_probability, (channels,))
         zoom = draws.uniform(*c.low_resolution_zoom, (channels,))
-        x = backend.maybe(flag & xp.any(chosen),
-                          lambda v: xp.where(chosen, intensity.simulate_low_resolution(backend, v, zoom, fixed), v), x)
+        x = backend.maybe(
+            flag & xp.any(chosen),
+            lambda v: xp.where(chosen, intensity.simulate_low_resolution(backend, v, zoom, fixed), v),
+            x,
+        )
     for probability, invert in ((c.gamma_inverted_probability, True), (c.gamma_probability, False)):
         if probability > 0:
             flag = draws.bernoulli(probability)
@@ -152,14 +162,19 @@ def augment_sample(backend: Backend, draws, image, label, config: AugmentConfig,
 
 def _check_batch(image, label, patch_size) -> None:
     if image.ndim != label.ndim + 1 or tuple(image.shape[:-1]) != tuple(label.shape):
-        raise DataError(f"augmentation: image {tuple(image.shape)} must be label {tuple(label.shape)} plus a channel axis")
+        raise DataError(
+            f"augmentation: image {tuple(image.shape)} must be label {tuple(label.shape)} plus a channel axis"
+        )
     if patch_size is not None and len(patch_size) != label.ndim - 1:
-        raise DataError(f"augmentation: patch_size {tuple(patch_size)} does not match the batch's "
-                        f"{label.ndim - 1} spatial axes (label {tuple(label.shape)})")
+        raise DataError(
+            f"augmentation: patch_size {tuple(patch_size)} does not match the batch's "
+            f"{label.ndim - 1} spatial axes (label {tuple(label.shape)})"
+        )
 
 
-def make_augmentation(config: AugmentConfig, patch_size: Optional[Sequence[int]] = None,
-                      num_classes: Optional[int] = None) -> Callable:
+def make_augmentation(
+    config: AugmentConfig, patch_size: Sequence[int] | None = None, num_classes: int | None = None
+) -> Callable:
     """The device pipeline ``augment_fn(key, image (B, *crop, C), label (B, *crop)) -> (image (B, *patch,
     C), label (B, *patch))``, pure and jittable (as ``make_train_step(..., augment_fn=...)`` calls it).
 
@@ -183,8 +198,14 @@ def make_augmentation(config: AugmentConfig, patch_size: Optional[Sequence[int]]
     return augment_fn
 
 
-def augment_numpy(rng: np.random.Generator, image: np.ndarray, label: np.ndarray, config: AugmentConfig,
-                  patch_size: Optional[Sequence[int]] = None, num_classes: Optional[int] = None):
+def augment_numpy(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    label: np.ndarray,
+    config: AugmentConfig,
+    patch_size: Sequence[int] | None = None,
+    num_classes: int | None = None,
+):
     """The host pipeline on a batch ``(B, *crop, C)``, ``(B, *crop)`` -> ``(B, *patch, C)``, ``(B, *patch)``
     with NumPy/SciPy, drawing from ``rng`` sample after sample (transforms not drawn cost nothing)."""
     image, label = np.asarray(image), np.asarray(label)
@@ -203,8 +224,11 @@ def loader_crop_size(config: AugmentConfig, patch_size: Sequence[int]) -> tuple[
         return tuple(patch_size)
     check_augment_config(config, len(patch_size))
     fixed = fixed_axis(config, patch_size)
-    rotation = (max_rotation_degrees(config, len(patch_size), in_plane=fixed is not None)
-                if config.rotation_probability > 0 else 0.0)
+    rotation = (
+        max_rotation_degrees(config, len(patch_size), in_plane=fixed is not None)
+        if config.rotation_probability > 0
+        else 0.0
+    )
     scale = config.scale_range if config.scale_probability > 0 else 1.0
     elastic = config.elastic_magnitude[1] if config.elastic_probability > 0 else 0.0
     if fixed is None:
@@ -216,7 +240,7 @@ def loader_crop_size(config: AugmentConfig, patch_size: Sequence[int]) -> tuple[
     return tuple(crop)
 
 
-def train_step_augmentation(config: AugmentConfig, patch_size: Sequence[int], num_classes: Optional[int] = None):
+def train_step_augmentation(config: AugmentConfig, patch_size: Sequence[int], num_classes: int | None = None):
     """``augment_fn`` for ``make_train_step`` when ``mode`` is device, else ``None`` (the loader augments
     in cpu mode and delivers patches; none: no augmentation)."""
     if config.mode != "device":
@@ -224,8 +248,13 @@ def train_step_augmentation(config: AugmentConfig, patch_size: Sequence[int], nu
     return make_augmentation(config, patch_size, num_classes)
 
 
-def augment_batch_numpy(rng: np.random.Generator, batch: dict, config: AugmentConfig, patch_size: Sequence[int],
-                        num_classes: Optional[int] = None) -> dict:
+def augment_batch_numpy(
+    rng: np.random.Generator,
+    batch: dict,
+    config: AugmentConfig,
+    patch_size: Sequence[int],
+    num_classes: int | None = None,
+) -> dict:
     """:func:`augment_numpy` on a loader batch dict; picklable through ``functools.partial`` so that
     loader worker processes can run it (``augment.mode: cpu``)."""
     image, label = augment_numpy(rng, batch["image"], batch["label"], config, patch_size, num_classes)

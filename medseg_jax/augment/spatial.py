@@ -128,8 +128,10 @@ def centre_crop_and_flip(image, label, patch_size: Sequence[int], flips):
     size differs from the patch by an even number per axis: a slice and reversals (host fast path;
     ``flips`` concrete)."""
     starts = [(c - p) // 2 for c, p in zip(label.shape, patch_size)]
-    index = tuple(slice(s, s + p) if f > 0 else slice(s + p - 1, s - 1 if s > 0 else None, -1)
-                  for s, p, f in zip(starts, patch_size, np.asarray(flips)))
+    index = tuple(
+        slice(s, s + p) if f > 0 else slice(s + p - 1, s - 1 if s > 0 else None, -1)
+        for s, p, f in zip(starts, patch_size, np.asarray(flips))
+    )
     return image[index].astype(np.float32), label[index]
 
 
@@ -162,7 +164,9 @@ def _rotated_half_extent(half: np.ndarray, max_radians: float) -> np.ndarray:
     return np.maximum(half, np.minimum(best + norm * n_planes * step / 2, norm))
 
 
-def crop_size_for(patch_size: Sequence[int], rotation_degrees: float, scale, elastic_magnitude: float = 0.0) -> tuple[int, ...]:
+def crop_size_for(
+    patch_size: Sequence[int], rotation_degrees: float, scale, elastic_magnitude: float = 0.0
+) -> tuple[int, ...]:
     """The input crop that holds every voxel a ``patch_size`` output can read, so no output voxel is
     padding.
 

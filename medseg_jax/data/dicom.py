@@ -28,11 +28,15 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medseg_jax.data.io import Volume
+from medseg_jax.data.volume import Volume
 from medseg_jax.errors import DataError
+
+if TYPE_CHECKING:  # pydicom is imported lazily at run time (only DICOM input needs it)
+    from pydicom.dataset import FileDataset
 
 IGNORED_NAMES = frozenset({"dicomdir"})  # compared lower-case
 # Positions are compared with a tolerance: DICOM stores them as decimal strings, so rounding is normal.
@@ -57,7 +61,7 @@ def _candidate_files(folder: Path) -> list[Path]:
     )
 
 
-def _read_headers(folder: Path, paths: list[Path]) -> list[tuple[Path, object]]:
+def _read_headers(folder: Path, paths: list[Path]) -> list[tuple[Path, FileDataset]]:
     """(path, header without pixel data) for each file; any non-DICOM file is an error naming it."""
     import pydicom
 
@@ -83,16 +87,14 @@ def _select_series(folder: Path, headers, series_uid: str | None):
         groups[str(ds.get("SeriesInstanceUID", "") or "")].append((path, ds))
     if series_uid is not None:
         if series_uid not in groups:
-            raise DataError(
-                f"{folder}: no series with SeriesInstanceUID {series_uid!r}; found {_describe(groups)}"
-            )
+            raise DataError(f"{folder}: no series with SeriesInstanceUID {series_uid!r}; found {_describe(groups)}")
         return series_uid, groups[series_uid]
     if len(groups) > 1:
         raise DataError(
             f"{folder}: contains {len(groups)} DICOM series: {_describe(groups)}. "
             "Pass series_uid=<SeriesInstanceUID> to choose one."
         )
-    (uid, members), = groups.items()
+    ((uid, members),) = groups.items()
     return uid, members
 
 
@@ -120,7 +122,7 @@ def _common_geometry(members) -> dict:
         if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
             raise DataError(f"{path}: colour images (SamplesPerPixel > 1) are not supported")
     first_path, first = members[0]
-    reference = {
+    reference: dict[str, Any] = {
         "orientation": _floats(first, "ImageOrientationPatient"),
         "pixel_spacing": _floats(first, "PixelSpacing"),
         "size": (int(first.Rows), int(first.Columns)),
@@ -144,7 +146,8 @@ def _common_geometry(members) -> dict:
         or abs(row_cosine @ column_cosine) > 1e-3
     ):
         raise DataError(
-            f"{first_path}: ImageOrientationPatient {reference['orientation'].tolist()} is not two orthogonal unit vectors"
+            f"{first_path}: ImageOrientationPatient {reference['orientation'].tolist()} is not two orthogonal "
+            "unit vectors"
         )
     reference["normal"] = np.cross(row_cosine, column_cosine)
     reference["positions"] = np.stack([_floats(ds, "ImagePositionPatient") for _, ds in members])

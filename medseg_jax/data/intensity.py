@@ -9,6 +9,7 @@ every case.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, cast
 
 import numpy as np
 from scipy import ndimage
@@ -120,7 +121,8 @@ def clahe(channel: np.ndarray, options: dict, window: tuple[float, float] | None
     if kernel is None:
         kernel = [max(2, n // 8) for n in in_plane]
     elif np.isscalar(kernel):
-        kernel = [int(kernel)] * 2
+        # np.isscalar's TypeGuard includes complex/memoryview, which int() rejects in the stubs only.
+        kernel = [int(cast(Any, kernel))] * 2
     clip_limit = float(options.get("clip_limit", 0.01))
     n_bins = int(options.get("n_bins", 256))
     if x.ndim == 2:

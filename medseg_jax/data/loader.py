@@ -20,13 +20,15 @@ Multi-host: each host passes ``shard_index=jax.process_index()``, ``shard_count=
 elements ``k, k + count, ...`` of the common shuffled stream, so hosts never see the same element and
 each builds its own part of the global batch. This module does not import JAX.
 
-Batches are ``{"image": float32 (B, *patch, C) channels-last, "label": int32 (B, *patch)}``.
-Augmentation is not done here: it runs on the accelerator inside the training step.
+Batches are ``{"image": float32 (B, *patch, C) channels-last, "label": int32 (B, *patch)}``, cut at
+``crop_size`` when that is larger than the patch. Augmentation runs on the accelerator inside the
+training step by default (the loader then delivers the larger crops it needs); with
+``augment.mode: cpu`` the loader's ``batch_transform`` augments each batch here and delivers patches.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import grain
 import numpy as np
@@ -94,7 +96,9 @@ class PatchSampler(grain.transforms.MapWithIndex):
         # (and holds the forced foreground voxel) and the margin around it is real data.
         self.crop_size = self.patch_size if crop_size is None else tuple(int(c) for c in crop_size)
         if len(self.crop_size) != len(self.patch_size) or any(c < p for c, p in zip(self.crop_size, self.patch_size)):
-            raise DataError(f"crop size {self.crop_size} must have one entry >= the patch size per axis {self.patch_size}")
+            raise DataError(
+                f"crop size {self.crop_size} must have one entry >= the patch size per axis {self.patch_size}"
+            )
         self.batch_size = int(batch_size)
         self.foreground_fraction = float(foreground_fraction)
         self.seed = int(seed)
@@ -194,8 +198,9 @@ def make_train_loader(
     if shard_options is not None:
         shard_index, shard_count = shard_options.shard_index, shard_options.shard_count
     _check_arguments(store, case_ids, patch_size, batch_size, foreground_fraction, seed, shard_index, shard_count)
-    sampler = PatchSampler(store, patch_size, batch_size, foreground_fraction, seed, shard_index, shard_count,
-                           crop_size=crop_size)
+    sampler = PatchSampler(
+        store, patch_size, batch_size, foreground_fraction, seed, shard_index, shard_count, crop_size=crop_size
+    )
     dataset = (
         grain.MapDataset.source(list(case_ids))
         .shuffle(seed=seed)

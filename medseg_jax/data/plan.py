@@ -1,7 +1,8 @@
 """The experiment plan: target spacing, normalisation, patch / batch size and U-Net topology.
 
 :func:`make_plan` turns a fingerprint (:func:`medseg_jax.data.fingerprint.compute_fingerprint`) into a
-JSON dict; :func:`check_plan` validates one read back from disk. Rules, in the spirit of nnU-Net v2's
+JSON dict; :func:`check_plan` validates one, :func:`write_plan` / :func:`read_plan` are the only way plan
+files are written and read (both validate), :func:`plan_differences` compares two. Rules, in the spirit of nnU-Net v2's
 ``ExperimentPlanner`` (axes in RAS order; a 2D plan works on the in-plane axes x, y and treats the last
 axis z as the slice axis):
 
@@ -28,26 +29,46 @@ axis z as the slice axis):
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
+from medseg_jax.atomic import read_json, write_json_atomic
+from medseg_jax.data.resample import ANISOTROPY_THRESHOLD
 from medseg_jax.errors import ConfigError, DataError
 
 PLAN_FORMAT_VERSION = 1
-ANISOTROPY_THRESHOLD = 3.0
 MIN_FEATURE_MAP = 4
 MAX_STAGES = {2: 7, 3: 6}
 MAX_FEATURES = {2: 512, 3: 320}
 REFERENCE_BATCH_VOXELS = 2 * 128**3  # per 8 GB of accelerator memory
 DATASET_FRACTION_PER_BATCH = 0.05
 
-REQUIRED_KEYS = ("plan_format_version", "dim", "channel_names", "labels", "num_classes", "target_spacing",
-                 "normalization", "patch_size", "batch_size", "n_stages", "kernel_sizes", "strides",
-                 "features_per_stage", "preprocessing")
+REQUIRED_KEYS = (
+    "plan_format_version",
+    "dim",
+    "channel_names",
+    "labels",
+    "num_classes",
+    "target_spacing",
+    "normalization",
+    "patch_size",
+    "batch_size",
+    "n_stages",
+    "kernel_sizes",
+    "strides",
+    "features_per_stage",
+    "preprocessing",
+)
 PREPROCESSING_KEYS = ("denoise", "clahe", "hu_window")
-SCHEME_KEYS = {"ct": ("mean", "std", "percentile_00_5", "percentile_99_5"), "zscore": (),
-               "hu_window": ("lower", "upper")}
+SCHEME_KEYS = {
+    "ct": ("mean", "std", "percentile_00_5", "percentile_99_5"),
+    "zscore": (),
+    "hu_window": ("lower", "upper"),
+}
 
 
 def target_spacing(spacings: np.ndarray, shapes: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -58,8 +79,9 @@ def target_spacing(spacings: np.ndarray, shapes: np.ndarray) -> tuple[np.ndarray
     median_shape = np.percentile(shapes, 50, axis=0)
     worst = int(np.argmax(target))
     others = [a for a in range(len(target)) if a != worst]
-    anisotropic = (target[worst] > ANISOTROPY_THRESHOLD * max(target[others])
-                   and median_shape[worst] * ANISOTROPY_THRESHOLD < min(median_shape[others]))
+    anisotropic = target[worst] > ANISOTROPY_THRESHOLD * max(target[others]) and median_shape[
+        worst
+    ] * ANISOTROPY_THRESHOLD < min(median_shape[others])
     if anisotropic:
         thick = np.percentile(spacings[:, worst], 10)
         if thick < max(target[others]):
@@ -68,7 +90,9 @@ def target_spacing(spacings: np.ndarray, shapes: np.ndarray) -> tuple[np.ndarray
     return target, bool(anisotropic)
 
 
-def stage_topology(spacing: Sequence[float], patch: Sequence[int], max_stages: int) -> tuple[list, list]:
+def stage_topology(
+    spacing: Sequence[float] | np.ndarray, patch: Sequence[int] | np.ndarray, max_stages: int
+) -> tuple[list, list]:
     """``(strides, kernel_sizes)``, one ``[per axis]`` list per stage, for ``patch`` at ``spacing`` (rule 4)."""
     ndim = len(spacing)
     current_spacing = [float(s) for s in spacing]
@@ -100,8 +124,9 @@ def _total_stride(strides: list) -> np.ndarray:
     return np.prod(np.asarray(strides), axis=0).astype(np.int64)
 
 
-def plan_patch_and_topology(spacing: np.ndarray, median_shape: np.ndarray, patch_voxel_budget: float,
-                            max_stages: int) -> tuple[list[int], list, list]:
+def plan_patch_and_topology(
+    spacing: np.ndarray, median_shape: np.ndarray, patch_voxel_budget: float, max_stages: int
+) -> tuple[list[int], list, list]:
     """``(patch_size, strides, kernel_sizes)`` for the planned axes (rule 3 and 4 of the module docstring)."""
     inverse = 1.0 / spacing
     initial = inverse * (patch_voxel_budget / np.prod(inverse)) ** (1.0 / len(spacing))
@@ -122,20 +147,22 @@ def plan_patch_and_topology(spacing: np.ndarray, median_shape: np.ndarray, patch
 
 
 def _normalization(channel_names: Sequence[str], intensity: dict, hu_window) -> list[dict]:
-    schemes = []
+    schemes: list[dict] = []
     for c, name in enumerate(channel_names):
         if name.strip().lower() != "ct":
             schemes.append({"channel": name, "scheme": "zscore"})
         elif hu_window is not None:
-            schemes.append({"channel": name, "scheme": "hu_window",
-                            "lower": float(hu_window[0]), "upper": float(hu_window[1])})
+            schemes.append(
+                {"channel": name, "scheme": "hu_window", "lower": float(hu_window[0]), "upper": float(hu_window[1])}
+            )
         else:
             stats = intensity.get(str(c))
             if stats is None:
-                raise DataError(f"channel {c} ({name}): no foreground voxels in any case, so CT normalisation "
-                                "has no statistics (add labels or pass hu_window)")
-            schemes.append({"channel": name, "scheme": "ct",
-                            **{k: float(stats[k]) for k in SCHEME_KEYS["ct"]}})
+                raise DataError(
+                    f"channel {c} ({name}): no foreground voxels in any case, so CT normalisation "
+                    "has no statistics (add labels or pass hu_window)"
+                )
+            schemes.append({"channel": name, "scheme": "ct", **{k: float(stats[k]) for k in SCHEME_KEYS["ct"]}})
     return schemes
 
 
@@ -156,9 +183,18 @@ def _check_options(hu_window, denoise, clahe, channel_names) -> None:
         raise ConfigError(f"clahe.clip_limit must be in (0, 1], got {clahe.get('clip_limit')!r}")
 
 
-def make_plan(fingerprint: dict, dim: int = 3, gpu_memory_gb: float = 8.0, voxel_budget: float | None = None,
-              hu_window: Sequence[float] | None = None, denoise: dict | None = None, clahe: dict | None = None,
-              min_batch_size: int = 2, max_stages: int | None = None, base_features: int = 32) -> dict:
+def make_plan(
+    fingerprint: dict,
+    dim: int = 3,
+    gpu_memory_gb: float = 8.0,
+    voxel_budget: float | None = None,
+    hu_window: Sequence[float] | None = None,
+    denoise: dict | None = None,
+    clahe: dict | None = None,
+    min_batch_size: int = 2,
+    max_stages: int | None = None,
+    base_features: int = 32,
+) -> dict:
     """A JSON-able plan from a fingerprint (rules in the module docstring).
 
     ``voxel_budget`` (voxels per batch) overrides the one derived from ``gpu_memory_gb``. ``hu_window``,
@@ -177,8 +213,9 @@ def make_plan(fingerprint: dict, dim: int = 3, gpu_memory_gb: float = 8.0, voxel
     planned_axes = list(range(dim))  # 3D: all; 2D: x, y (the slice axis z is last)
     budget = float(voxel_budget) if voxel_budget is not None else REFERENCE_BATCH_VOXELS * gpu_memory_gb / 8.0
     max_stages = max_stages or MAX_STAGES[dim]
-    patch, strides, kernels = plan_patch_and_topology(spacing[planned_axes], median_shape[planned_axes],
-                                                      budget / min_batch_size, max_stages)
+    patch, strides, kernels = plan_patch_and_topology(
+        spacing[planned_axes], median_shape[planned_axes], budget / min_batch_size, max_stages
+    )
     dataset_voxels = np.prod(median_shape) * len(spacings)
     batch = int(budget // np.prod(patch))
     batch = max(min_batch_size, min(batch, int(round(DATASET_FRACTION_PER_BATCH * dataset_voxels / np.prod(patch)))))
@@ -193,18 +230,27 @@ def make_plan(fingerprint: dict, dim: int = 3, gpu_memory_gb: float = 8.0, voxel
         "target_spacing": [float(s) if a in planned_axes or dim == 3 else None for a, s in enumerate(spacing)],
         "anisotropic": anisotropic,
         "median_shape": [int(round(n)) for n in median_shape],
-        "normalization": _normalization(channel_names, fingerprint["foreground_intensity_properties_per_channel"],
-                                        hu_window),
+        "normalization": _normalization(
+            channel_names, fingerprint["foreground_intensity_properties_per_channel"], hu_window
+        ),
         "patch_size": patch,
         "batch_size": batch,
         "n_stages": len(strides),
         "kernel_sizes": kernels,
         "strides": strides,
         "features_per_stage": [min(base_features * 2**i, MAX_FEATURES[dim]) for i in range(len(strides))],
-        "preprocessing": {"crop_to_nonzero": True, "hu_window": None if hu_window is None else list(hu_window),
-                          "denoise": denoise, "clahe": clahe},
-        "resampling": {"image_order": 3, "label_order": 1, "separate_axis_order": 0,
-                       "anisotropy_threshold": ANISOTROPY_THRESHOLD},
+        "preprocessing": {
+            "crop_to_nonzero": True,
+            "hu_window": None if hu_window is None else list(hu_window),
+            "denoise": denoise,
+            "clahe": clahe,
+        },
+        "resampling": {
+            "image_order": 3,
+            "label_order": 1,
+            "separate_axis_order": 0,
+            "anisotropy_threshold": ANISOTROPY_THRESHOLD,
+        },
     }
 
 
@@ -214,8 +260,10 @@ def check_plan(plan: dict, source: str = "plan") -> None:
     if missing:
         raise DataError(f"{source}: plan is missing the key(s) {', '.join(repr(k) for k in missing)}")
     if plan["plan_format_version"] != PLAN_FORMAT_VERSION:
-        raise DataError(f"{source}: plan_format_version {plan['plan_format_version']!r} is not supported "
-                        f"(this version reads {PLAN_FORMAT_VERSION})")
+        raise DataError(
+            f"{source}: plan_format_version {plan['plan_format_version']!r} is not supported "
+            f"(this version reads {PLAN_FORMAT_VERSION})"
+        )
     dim = plan["dim"]
     if dim not in (2, 3) or len(plan["patch_size"]) != dim:
         raise DataError(f"{source}: 'patch_size' {plan['patch_size']!r} does not match 'dim' {dim!r}")
@@ -224,8 +272,10 @@ def check_plan(plan: dict, source: str = "plan") -> None:
         if len(plan[key]) != n_stages:
             raise DataError(f"{source}: '{key}' has {len(plan[key])} entries but 'n_stages' is {n_stages}")
     if len(plan["normalization"]) != len(plan["channel_names"]):
-        raise DataError(f"{source}: 'normalization' has {len(plan['normalization'])} entries for "
-                        f"{len(plan['channel_names'])} channels")
+        raise DataError(
+            f"{source}: 'normalization' has {len(plan['normalization'])} entries for "
+            f"{len(plan['channel_names'])} channels"
+        )
     for c, scheme in enumerate(plan["normalization"]):
         needed = SCHEME_KEYS.get(scheme.get("scheme"))
         if needed is None:
@@ -236,3 +286,27 @@ def check_plan(plan: dict, source: str = "plan") -> None:
     for key in PREPROCESSING_KEYS:
         if key not in plan["preprocessing"]:
             raise DataError(f"{source}: 'preprocessing' is missing the key {key!r}")
+
+
+def read_plan(path: str | os.PathLike) -> dict:
+    """Read and validate a plan JSON; a missing or malformed entry raises ``DataError`` naming it and the file."""
+    plan = read_json(path, expect=dict)
+    check_plan(plan, source=str(path))
+    return plan
+
+
+def write_plan(plan: dict, path: str | os.PathLike) -> Path:
+    """Validate ``plan`` and write it to ``path`` atomically (strict JSON: a NaN in it is an error)."""
+    check_plan(plan, source=str(path))
+    return write_json_atomic(path, plan)
+
+
+def plan_differences(plan: dict, other: dict) -> list[str]:
+    """Top-level keys whose values differ between two plans, compared as JSON (tuples equal lists)."""
+    a, b = (json.loads(json.dumps(p, default=_plain)) for p in (plan, other))
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def _plain(value):
+    """JSON fallback for the numpy values a freshly made plan may hold."""
+    return value.tolist() if isinstance(value, (np.ndarray, np.generic)) else str(value)

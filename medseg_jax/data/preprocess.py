@@ -2,8 +2,9 @@
 
 Order of operations (:func:`preprocess_case`), per case:
 
-1. reorient every channel and the label to RAS (``io.to_ras``: axis permutation / flips, exact);
-2. crop to the bounding box of voxels != 0 in any channel (nnU-Net's crop-to-nonzero; the label too);
+1. reorient every channel and the label to RAS (``volume.to_ras``: axis permutation / flips, exact);
+2. crop to the bounding box of voxels != 0 in any channel (nnU-Net's crop-to-nonzero, :func:`nonzero_bbox`
+   and :func:`crop`; the label too; the fingerprint crops the same way);
 3. resample to the plan's target spacing (images spline order 3, labels one-hot order 1 + arg-max,
    anisotropic data with the thick axis separately at order 0; see :mod:`medseg_jax.data.resample`);
    a ``null`` target entry (2D plans: the slice axis) keeps the case's own spacing;
@@ -18,18 +19,40 @@ Order of operations (:func:`preprocess_case`), per case:
 
 from __future__ import annotations
 
-import concurrent.futures
-import multiprocessing
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
-from medseg_jax.data import io
-from medseg_jax.data.fingerprint import crop, nonzero_bbox, read_case
+from medseg_jax.data.image_io import read_case
 from medseg_jax.data.intensity import clahe, denoise, normalize_channel
 from medseg_jax.data.plan import check_plan
 from medseg_jax.data.resample import resample_image, resample_label, resample_probabilities
+from medseg_jax.data.volume import Volume, from_ras, to_ras
 from medseg_jax.errors import DataError, MedsegError
+from medseg_jax.process_pool import map_in_processes
+
+
+def nonzero_bbox(image: np.ndarray) -> list[list[int]]:
+    """``[[start, stop], ...]`` per spatial axis of the voxels != 0 in any channel of ``image (C, *spatial)``.
+
+    An image without any nonzero voxel keeps its full extent.
+    """
+    mask = np.any(image != 0, axis=0)
+    if not mask.any():
+        return [[0, int(n)] for n in mask.shape]
+    bbox = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=other))
+        bbox.append([int(hits[0]), int(hits[-1]) + 1])
+    return bbox
+
+
+def crop(array: np.ndarray, bbox: Sequence[Sequence[int]]) -> np.ndarray:
+    """The ``bbox`` region of the trailing (spatial) axes of ``array``."""
+    region = tuple(slice(start, stop) for start, stop in bbox)
+    return array[(Ellipsis,) + region]
 
 
 def _intensity_window(scheme: dict) -> tuple[float, float] | None:
@@ -51,11 +74,11 @@ def _grid_affine(affine: np.ndarray, start, scale) -> np.ndarray:
     return affine @ step
 
 
-def _source(volume: io.Volume) -> str:
+def _source(volume: Volume) -> str:
     return str(volume.metadata.get("source", "<in-memory volume>"))
 
 
-def preprocess_case(images: list[io.Volume], label: io.Volume | None, plan: dict):
+def preprocess_case(images: list[Volume], label: Volume | None, plan: dict):
     """Preprocess one case: ``(image float32 (C, *spatial), label uint8 (*spatial) or None, properties)``.
 
     ``images`` holds one volume per channel in the plan's channel order (same grid). ``properties`` is
@@ -66,17 +89,21 @@ def preprocess_case(images: list[io.Volume], label: io.Volume | None, plan: dict
     """
     check_plan(plan)
     if len(images) != len(plan["channel_names"]):
-        raise DataError(f"{_source(images[0]) if images else 'case'}: {len(images)} channel volume(s) given, "
-                        f"the plan expects {len(plan['channel_names'])} ({plan['channel_names']})")
-    ras = [io.to_ras(v) for v in images]
-    label_ras = io.to_ras(label) if label is not None else None
+        raise DataError(
+            f"{_source(images[0]) if images else 'case'}: {len(images)} channel volume(s) given, "
+            f"the plan expects {len(plan['channel_names'])} ({plan['channel_names']})"
+        )
+    ras = [to_ras(v) for v in images]
+    label_ras = to_ras(label) if label is not None else None
     shapes = {v.shape for v in ras} | ({label_ras.shape} if label_ras is not None else set())
     if len(shapes) != 1:
         raise DataError(f"{_source(images[0])}: channel / label shapes differ after reorientation: {sorted(shapes)}")
     spacing = ras[0].spacing
     if len(plan["target_spacing"]) != len(spacing):
-        raise DataError(f"{_source(images[0])}: a {len(spacing)}D image does not fit a plan with target spacing "
-                        f"{plan['target_spacing']}")
+        raise DataError(
+            f"{_source(images[0])}: a {len(spacing)}D image does not fit a plan with target spacing "
+            f"{plan['target_spacing']}"
+        )
     target = [s if t is None else float(t) for s, t in zip(spacing, plan["target_spacing"])]
 
     stack = np.stack([v.array.astype(np.float32) for v in ras])
@@ -103,11 +130,13 @@ def preprocess_case(images: list[io.Volume], label: io.Volume | None, plan: dict
         label_array = crop(label_ras.array, bbox)
         values = np.unique(label_array)
         if values.min() < 0 or values.max() >= plan["num_classes"] or np.any(values != np.round(values)):
-            raise DataError(f"{_source(label)}: label values {values.tolist()} are outside "
-                            f"0..{plan['num_classes'] - 1}")
+            raise DataError(
+                f"{_source(label_ras)}: label values {values.tolist()} are outside 0..{plan['num_classes'] - 1}"
+            )
         label_array = label_array.astype(np.uint8)
-        label_out = resample_label(label_array, spacing, target, order=resampling.get("label_order", 1),
-                                   new_shape=new_shape)
+        label_out = resample_label(
+            label_array, spacing, target, order=resampling.get("label_order", 1), new_shape=new_shape
+        )
 
     ras_affine = ras[0].affine
     properties = {
@@ -120,8 +149,9 @@ def preprocess_case(images: list[io.Volume], label: io.Volume | None, plan: dict
         "spacing_original": list(spacing),
         "spacing_target": target,
         "shape_after_resample": list(new_shape),
-        "affine_preprocessed": _grid_affine(ras_affine, [b[0] for b in bbox],
-                                            np.divide(shape_after_crop, new_shape)).tolist(),
+        "affine_preprocessed": _grid_affine(
+            ras_affine, [b[0] for b in bbox], np.divide(shape_after_crop, new_shape)
+        ).tolist(),
         "num_channels": len(images),
     }
     return image, label_out, properties
@@ -134,7 +164,7 @@ def restore_geometry(array: np.ndarray, properties: dict, kind: str | None = Non
     ``kind`` (default inferred): ``"label"`` (integer / bool ``(*spatial)``: one-hot order-1 resampling +
     arg-max, zero outside the crop box), ``"image"`` (float ``(*spatial)``: order 3, zero outside),
     ``"probabilities"`` (``(K, *spatial)``: order 1, outside the crop box background probability 1, i.e.
-    channel 0 = 1 and the others 0). Returns a :class:`~medseg_jax.data.io.Volume` with the original
+    channel 0 = 1 and the others 0). Returns a :class:`~medseg_jax.data.Volume` with the original
     shape and affine, or for probabilities a list of K such volumes (one per class).
     """
     crop_shape = tuple(properties["shape_after_crop"])
@@ -146,8 +176,10 @@ def restore_geometry(array: np.ndarray, properties: dict, kind: str | None = Non
             kind = "label" if np.issubdtype(array.dtype, np.integer) or array.dtype == bool else "image"
     spatial = array.shape[1:] if kind == "probabilities" else array.shape
     if list(spatial) != list(properties["shape_after_resample"]):
-        raise DataError(f"restore_geometry: array spatial shape {tuple(spatial)} is not the preprocessed shape "
-                        f"{tuple(properties['shape_after_resample'])}")
+        raise DataError(
+            f"restore_geometry: array spatial shape {tuple(spatial)} is not the preprocessed shape "
+            f"{tuple(properties['shape_after_resample'])}"
+        )
     target, original = properties["spacing_target"], properties["spacing_original"]
     ras_shape = tuple(properties["ras_shape"])
     region = tuple(slice(start, stop) for start, stop in properties["crop_bbox"])
@@ -169,20 +201,30 @@ def restore_geometry(array: np.ndarray, properties: dict, kind: str | None = Non
     original_shape = tuple(properties["original_shape"])
 
     def to_original(values):
-        return io.from_ras(io.Volume(values, ras_affine), original_affine, original_shape)
+        return from_ras(Volume(values, ras_affine), original_affine, original_shape)
 
     if kind == "probabilities":
         return [to_original(channel) for channel in full]
     return to_original(full)
 
 
+# What per-case work may raise on a bad input file: our own errors, and nibabel's / numpy's on odd data.
+CASE_ERRORS = (MedsegError, OSError, ValueError, ArithmeticError)
+
+
+def case_error(case_id: str, image_paths, label_path, exc: Exception) -> DataError:
+    """A DataError naming the case and its files around ``exc`` (per-case work in fingerprint and preprocess)."""
+    files = [str(p) for p in image_paths] + ([] if label_path is None else [f"label {label_path}"])
+    return DataError(f"case {case_id} ({', '.join(files)}): {exc}")
+
+
 def _preprocess_job(case_id: str, image_paths, label_path, plan: dict):
     """Read and preprocess one case (module level so worker processes can run it)."""
     try:
-        images, label = read_case(image_paths, label_path, case_id)
+        images, label = read_case(image_paths, label_path)
         image, label_out, properties = preprocess_case(images, label, plan)
-    except MedsegError as exc:
-        raise DataError(f"case {case_id}: {exc}") from exc
+    except CASE_ERRORS as exc:
+        raise case_error(case_id, image_paths, label_path, exc) from exc
     properties["case_id"] = case_id
     return case_id, image, label_out, properties
 
@@ -190,69 +232,28 @@ def _preprocess_job(case_id: str, image_paths, label_path, plan: dict):
 def preprocess_dataset(dataset, plan: dict, store, num_workers: int = 1, progress: bool = True) -> dict:
     """Preprocess every case of ``dataset`` not yet in ``store`` (resumable); returns a summary dict.
 
-    ``store`` is a :class:`~medseg_jax.data.store.CaseStore` (``has_case``, ``write_case``); workers only
-    compute, the calling process writes, so each case is written whole or not at all. With
-    ``num_workers > 1`` cases run in a process pool (at most ``2 * num_workers`` in flight to bound memory).
-    A failing case raises ``DataError`` naming it (after the cases already in flight are written); run
-    again to resume. Summary: ``{"written": n, "skipped": n, "seconds": s}``.
+    ``store`` is a :class:`~medseg_jax.data.store.CaseStore`. The plan is recorded in it first
+    (:meth:`~medseg_jax.data.store.CaseStore.write_plan`, which refuses a store made with another plan).
+    Workers only compute, the calling process writes, so each case is written whole or not at all. With
+    ``num_workers > 1`` cases run in worker processes (:func:`medseg_jax.process_pool.map_in_processes`).
+    A failing case raises ``DataError`` naming it and its files (after the cases already in flight are
+    written); run again to resume. Summary: ``{"written": n, "skipped": n, "seconds": s}``.
     """
     from tqdm.auto import tqdm
 
     check_plan(plan)
     started = time.perf_counter()
+    store.write_plan(plan)  # before any case: a resumed store can then refuse another plan
     todo = [c for c in dataset.cases if not store.has_case(c.case_id)]
     skipped = len(dataset.cases) - len(todo)
-    jobs = [(c.case_id, [str(p) for p in c.image_paths], None if c.label_path is None else str(c.label_path), plan)
-            for c in todo]
-    bar = tqdm(total=len(jobs), desc="preprocess", unit="case", disable=not progress)
+    jobs = [
+        (c.case_id, [str(p) for p in c.image_paths], None if c.label_path is None else str(c.label_path), plan)
+        for c in todo
+    ]
     written = 0
-
-    def write(result):
-        nonlocal written
-        store.write_case(*result)
-        written += 1
-        bar.update(1)
-
-    try:
-        if num_workers <= 1:
-            for job in jobs:
-                write(_preprocess_job(*job))
-        else:
-            _run_in_pool(jobs, num_workers, write)
-    finally:
-        bar.close()
+    with tqdm(total=len(jobs), desc="preprocess", unit="case", disable=not progress) as bar:
+        for result in map_in_processes(_preprocess_job, jobs, num_workers):
+            store.write_case(*result)
+            written += 1
+            bar.update(1)
     return {"written": written, "skipped": skipped, "seconds": round(time.perf_counter() - started, 3)}
-
-
-def _run_in_pool(jobs: list, num_workers: int, write) -> None:
-    """Run ``_preprocess_job`` over ``jobs`` in worker processes, handing each result to ``write``.
-
-    At most ``2 * num_workers`` cases are in flight so finished arrays do not pile up in memory. After
-    the first failure no new case starts, the cases in flight are still written (the run is resumable,
-    so finished work is kept), then the failure is raised.
-    """
-    failures: list[Exception] = []
-
-    def collect(future):
-        try:
-            result = future.result()
-        except Exception as exc:  # re-raised below, after the cases in flight are written
-            failures.append(exc)
-            return
-        write(result)
-
-    context = multiprocessing.get_context("spawn")  # no inherited JAX state in the workers
-    with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
-        pending = set()
-        for job in jobs:
-            if failures:
-                break
-            pending.add(pool.submit(_preprocess_job, *job))
-            if len(pending) >= 2 * num_workers:
-                done, pending = concurrent.futures.wait(pending, return_when="FIRST_COMPLETED")
-                for future in done:
-                    collect(future)
-        for future in concurrent.futures.as_completed(pending):
-            collect(future)
-    if failures:
-        raise failures[0]

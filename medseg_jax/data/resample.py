@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+# nnU-Net's ANISO_THRESHOLD: a spacing ratio above it marks thick slices. Defined here only; the plan
+# (target spacing) and the augmentation (in-plane only for flat patches) import it.
 ANISOTROPY_THRESHOLD = 3.0
 
 
@@ -31,17 +33,18 @@ def shape_for_spacing(shape: Sequence[int], spacing: Sequence[float], new_spacin
     return tuple(max(1, int(round(n * r))) for n, r in zip(shape, ratio))
 
 
-def separate_axis(spacing: Sequence[float], new_spacing: Sequence[float],
-                  threshold: float = ANISOTROPY_THRESHOLD) -> int | None:
+def separate_axis(
+    spacing: Sequence[float], new_spacing: Sequence[float], threshold: float = ANISOTROPY_THRESHOLD
+) -> int | None:
     """The axis to resample on its own with order 0, or ``None`` (nnU-Net's ``get_do_separate_z``).
 
     The old spacing decides first: if its largest / smallest ratio exceeds ``threshold`` the thickest old
     axis is returned; otherwise the same test on the new spacing. Only 3D grids have such an axis.
     """
     for candidate in (spacing, new_spacing):
-        candidate = np.asarray(candidate, dtype=np.float64)
-        if candidate.size == 3 and candidate.max() / candidate.min() > threshold:
-            return int(np.argmax(candidate))
+        values = np.asarray(candidate, dtype=np.float64)
+        if values.size == 3 and values.max() / values.min() > threshold:
+            return int(np.argmax(values))
     return None
 
 
@@ -55,8 +58,9 @@ def _zoom(array: np.ndarray, new_shape: Sequence[int], order: int) -> np.ndarray
     return out
 
 
-def resample_array(array: np.ndarray, new_shape: Sequence[int], order: int,
-                   axis: int | None = None, axis_order: int = 0) -> np.ndarray:
+def resample_array(
+    array: np.ndarray, new_shape: Sequence[int], order: int, axis: int | None = None, axis_order: int = 0
+) -> np.ndarray:
     """Resample a float array ``(*spatial)`` to ``new_shape``.
 
     With ``axis`` set, slices across ``axis`` are resampled in-plane with ``order`` and then ``axis``
@@ -69,15 +73,20 @@ def resample_array(array: np.ndarray, new_shape: Sequence[int], order: int,
     if axis is None:
         return _zoom(array, new_shape, order)
     moved = np.moveaxis(array, axis, 0)
-    in_plane = new_shape[:axis] + new_shape[axis + 1:]
+    in_plane = new_shape[:axis] + new_shape[axis + 1 :]
     slices = np.stack([_zoom(s, in_plane, order) for s in moved])
     # The factor along the in-plane axes is now exactly 1, so order `axis_order` leaves them untouched.
     stacked = _zoom(slices, (new_shape[axis],) + in_plane, axis_order)
     return np.ascontiguousarray(np.moveaxis(stacked, 0, axis))
 
 
-def resample_image(image: np.ndarray, spacing: Sequence[float], new_spacing: Sequence[float],
-                   order: int = 3, new_shape: Sequence[int] | None = None) -> np.ndarray:
+def resample_image(
+    image: np.ndarray,
+    spacing: Sequence[float],
+    new_spacing: Sequence[float],
+    order: int = 3,
+    new_shape: Sequence[int] | None = None,
+) -> np.ndarray:
     """Resample a multi-channel image ``(C, *spatial)`` from ``spacing`` to ``new_spacing`` (float32).
 
     ``new_shape`` overrides the computed grid size (used to go back to an exact original shape).
@@ -88,8 +97,13 @@ def resample_image(image: np.ndarray, spacing: Sequence[float], new_spacing: Seq
     return np.stack([resample_array(c, new_shape, order, axis) for c in image]).astype(np.float32)
 
 
-def resample_label(label: np.ndarray, spacing: Sequence[float], new_spacing: Sequence[float],
-                   order: int = 1, new_shape: Sequence[int] | None = None) -> np.ndarray:
+def resample_label(
+    label: np.ndarray,
+    spacing: Sequence[float],
+    new_spacing: Sequence[float],
+    order: int = 1,
+    new_shape: Sequence[int] | None = None,
+) -> np.ndarray:
     """Resample an integer label map ``(*spatial)``: one-hot per class with ``order``, then arg-max.
 
     Returns the same dtype as ``label``. Classes are the values present in ``label``; ties between
@@ -108,7 +122,11 @@ def resample_label(label: np.ndarray, spacing: Sequence[float], new_spacing: Seq
     return classes[np.argmax(scores, axis=0)].astype(label.dtype)
 
 
-def resample_probabilities(probabilities: np.ndarray, spacing: Sequence[float], new_spacing: Sequence[float],
-                           new_shape: Sequence[int] | None = None) -> np.ndarray:
+def resample_probabilities(
+    probabilities: np.ndarray,
+    spacing: Sequence[float],
+    new_spacing: Sequence[float],
+    new_shape: Sequence[int] | None = None,
+) -> np.ndarray:
     """Resample class probabilities ``(K, *spatial)`` linearly (nnU-Net's order 1 for soft outputs)."""
     return resample_image(probabilities, spacing, new_spacing, order=1, new_shape=new_shape)

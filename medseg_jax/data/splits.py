@@ -6,13 +6,11 @@ random_state=seed)`` over the sorted case ids), so users moving between the two 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medseg_jax.atomic import write_json_atomic
+from medseg_jax.atomic import read_json, write_json_atomic
 from medseg_jax.errors import DataError
 
 SPLITS_JSON = "splits.json"
@@ -35,15 +33,16 @@ def make_splits(case_ids, n_folds: int = 5, seed: int = 12345) -> list[dict[str,
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
         raise DataError(f"split seed must be an integer in [0, 2**32), got {seed!r}")
     if len(ids) < n_folds:
-        raise DataError(f"cannot make {n_folds} folds from {len(ids)} case(s): every fold needs a validation "
-                        f"case; use n_folds <= {len(ids)} or add cases")
+        raise DataError(
+            f"cannot make {n_folds} folds from {len(ids)} case(s): every fold needs a validation "
+            f"case; use n_folds <= {len(ids)} or add cases"
+        )
     order = np.arange(len(ids))
     np.random.RandomState(seed).shuffle(order)
     splits = []
     for fold in np.array_split(order, n_folds):
         in_val = set(fold.tolist())
-        splits.append({"train": [ids[i] for i in range(len(ids)) if i not in in_val],
-                       "val": [ids[i] for i in fold]})
+        splits.append({"train": [ids[i] for i in range(len(ids)) if i not in in_val], "val": [ids[i] for i in fold]})
     return splits
 
 
@@ -68,28 +67,17 @@ def load_or_create_splits(dataset, n_folds: int = 5, seed: int = 12345) -> list[
     return splits
 
 
-def read_json(path: Path) -> Any:
-    """Parse a JSON file; DataError naming the file if it is missing, unreadable or not JSON."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot be read ({exc})") from exc
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
-
-
 def _splits_problems(splits: Any, known: set[str]) -> list[str]:
     if not isinstance(splits, list) or not splits:
-        return ["expected a non-empty list of {\"train\": [...], \"val\": [...]} folds"]
+        return ['expected a non-empty list of {"train": [...], "val": [...]} folds']
     problems = []
     for index, fold in enumerate(splits):
-        if not (isinstance(fold, dict) and all(isinstance(fold.get(k), list) for k in ("train", "val"))
-                and all(isinstance(c, str) for k in ("train", "val") for c in fold[k])):
-            problems.append(f"fold {index}: expected {{\"train\": [case ids], \"val\": [case ids]}}")
+        if not (
+            isinstance(fold, dict)
+            and all(isinstance(fold.get(k), list) for k in ("train", "val"))
+            and all(isinstance(c, str) for k in ("train", "val") for c in fold[k])
+        ):
+            problems.append(f'fold {index}: expected {{"train": [case ids], "val": [case ids]}}')
             continue
         unknown = sorted((set(fold["train"]) | set(fold["val"])) - known)
         if unknown:

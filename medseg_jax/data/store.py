@@ -3,6 +3,7 @@
 Layout of a store folder (one sub-folder per case; a case folder that exists is complete)::
 
     store/
+      plan.json                the plan every case was preprocessed with (written before the first case)
       {case_id}/
         image.zarr/            float32 (C, *spatial), chunks (1, 64, 64, 64) by default
         label.zarr/            uint8   (*spatial), same spatial chunks
@@ -18,6 +19,11 @@ through tensorstore, never the whole volume.
 Spatial axes keep the preprocessing's RAS voxel order (x, y, z); z is last. For 2D training on 3D
 cases pass a ``chunk_shape`` whose last entry is 1 (e.g. ``(128, 128, 1)``): a slice then reads only
 its own chunks instead of 64 neighbouring slices.
+
+The plan is recorded first (:meth:`CaseStore.write_plan`, called by
+:func:`medseg_jax.data.preprocess.preprocess_dataset` before any case), so a store resumed after an
+interruption can tell whether it is being continued with the same plan, and refuses another one instead
+of mixing cases of two plans.
 """
 
 from __future__ import annotations
@@ -28,14 +34,18 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import tensorstore as ts
 
+from medseg_jax.atomic import read_json
+from medseg_jax.data.plan import plan_differences, read_plan, write_plan
 from medseg_jax.errors import DataError
 
+PLAN_NAME = "plan.json"
 IMAGE_NAME = "image.zarr"
 LABEL_NAME = "label.zarr"
 PROPERTIES_NAME = "properties.json"
@@ -63,9 +73,7 @@ def _check_case_id(case_id: str) -> None:
         or case_id.startswith(".")
         or any(c in case_id for c in "/\\\0")
     ):
-        raise DataError(
-            f"invalid case id {case_id!r}: must be a non-empty name without '/', '\\' or a leading '.'"
-        )
+        raise DataError(f"invalid case id {case_id!r}: must be a non-empty name without '/', '\\' or a leading '.'")
 
 
 def _tmp_pattern(case_id: str) -> re.Pattern:
@@ -153,9 +161,7 @@ class CaseStore:
         if zarr_format not in (2, 3):
             raise DataError(f"case store {self.path}: zarr_format must be 2 or 3, got {zarr_format!r}")
         if chunk_shape is not None and (len(chunk_shape) not in (2, 3) or min(chunk_shape) < 1):
-            raise DataError(
-                f"case store {self.path}: chunk_shape must be 2 or 3 positive ints, got {chunk_shape!r}"
-            )
+            raise DataError(f"case store {self.path}: chunk_shape must be 2 or 3 positive ints, got {chunk_shape!r}")
         self.chunk_shape = None if chunk_shape is None else tuple(int(c) for c in chunk_shape)
         self.zarr_format = zarr_format
         self._arrays: dict[tuple[str, str], ts.TensorStore] = {}
@@ -170,11 +176,46 @@ class CaseStore:
     def __repr__(self):
         return f"CaseStore({str(self.path)!r})"
 
+    # ----------------------------------------------------------------------------------- the plan
+
+    @property
+    def plan_path(self) -> Path:
+        return self.path / PLAN_NAME
+
+    def read_plan(self) -> dict:
+        """The plan the store's cases were preprocessed with (``plan.json``), validated."""
+        if not self.plan_path.is_file():
+            raise DataError(
+                f"{self.plan_path}: the store has no plan; preprocess with `medseg-jax preprocess` (it writes it)"
+            )
+        return read_plan(self.plan_path)
+
+    def write_plan(self, plan: dict) -> Path:
+        """Record ``plan`` as the store's plan, before any case is written with it.
+
+        Recording the same plan again does nothing. A store that already has another plan, or holds
+        cases without a plan (left by an interrupted run of a version that wrote the plan last), is
+        refused with a :class:`DataError`: continuing it would mix cases preprocessed two ways.
+        """
+        if self.plan_path.is_file():
+            differences = plan_differences(self.read_plan(), plan)
+            if differences:
+                raise DataError(
+                    f"{self.plan_path}: the store was preprocessed with another plan (differing in "
+                    f"{', '.join(differences)}); use a new output folder"
+                )
+            return self.plan_path
+        if self.path.is_dir() and self.case_ids():
+            raise DataError(
+                f"case store {self.path}: holds {len(self.case_ids())} case(s) but no {PLAN_NAME}, so "
+                "the plan they were preprocessed with is unknown; use a new output folder"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        return write_plan(plan, self.plan_path)
+
     # ----------------------------------------------------------------------------------- writing
 
-    def write_case(
-        self, case_id: str, image: np.ndarray, label: np.ndarray | None, properties: dict[str, Any]
-    ) -> Path:
+    def write_case(self, case_id: str, image: np.ndarray, label: np.ndarray | None, properties: dict[str, Any]) -> Path:
         """Store one case atomically; an existing case of that id is replaced.
 
         Args:
@@ -205,7 +246,8 @@ class CaseStore:
                 self._create(tmp / LABEL_NAME, label.shape, "uint8", chunks).write(label),
             ]
             locations = compute_class_locations(label)
-            np.savez(tmp / LOCATIONS_NAME, **{f"class_{c}": v for c, v in locations.items()})
+            # allow_pickle spelled out (its default) so type checkers do not match the arrays to it.
+            np.savez(tmp / LOCATIONS_NAME, allow_pickle=True, **{f"class_{c}": v for c, v in locations.items()})
             (tmp / PROPERTIES_NAME).write_text(properties_text)
             for write in writes:
                 write.result()
@@ -306,12 +348,7 @@ class CaseStore:
 
     def read_properties(self, case_id: str) -> dict[str, Any]:
         """The properties dict given to :meth:`write_case`."""
-        path = self._case_dir(case_id) / PROPERTIES_NAME
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            where = f"case {case_id!r} in case store {self.path}"
-            raise DataError(f"{where}: unreadable {PROPERTIES_NAME} ({exc})") from exc
+        return read_json(self._case_dir(case_id) / PROPERTIES_NAME, expect=dict)
 
     def case_shape(self, case_id: str) -> tuple[int, ...]:
         """Spatial shape of the case (without the channel axis)."""
@@ -344,7 +381,7 @@ class CaseStore:
         return image.result(), label.result()
 
     def read_patch(
-        self, case_id: str, start: Sequence[int], size: Sequence[int]
+        self, case_id: str, start: Sequence[int] | np.ndarray, size: Sequence[int] | np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """The box ``[start, start + size)`` of a case: image float32 (C, *size), label uint8 (*size).
 

@@ -29,7 +29,8 @@ import numpy as np
 from nibabel import orientations as nio
 from scipy import ndimage
 
-from medseg_jax.data.io import Volume, write_nifti
+from medseg_jax.data.image_io import write_nifti
+from medseg_jax.data.volume import Volume
 from medseg_jax.errors import DataError
 
 DEFAULT_SHAPE = (64, 64, 32)
@@ -90,9 +91,7 @@ def make_ct_phantom(
     shape = check_phantom_shape(shape)
     seed = _check_int(seed, "phantom seed", minimum=0)
     # Independent streams, so that the anatomy of a seed is the same whatever the tumour count.
-    anatomy_rng, tumour_rng, noise_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(3)
-    )
+    anatomy_rng, tumour_rng, noise_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(3))
     voxel_mm = _draw_spacing(anatomy_rng, shape, spacing, spacing_range)
     liver_z = (anatomy_rng.uniform(10.0, 40.0), anatomy_rng.uniform(60.0, 85.0))  # centre, semi-axis
     axes = _anatomy_axes(anatomy_rng, shape, voxel_mm, liver_z)
@@ -185,6 +184,8 @@ def _check_int(value, what: str, minimum: int) -> int:
 
 def _draw_spacing(rng, shape, spacing, spacing_range) -> np.ndarray:
     """Voxel size (x, y, z) in mm. 2D phantoms get a slice thickness for the affine's third column."""
+    in_plane: tuple[float, ...]  # (min, max) mm of the draws below
+    through: tuple[float, ...]
     if spacing_range is None:
         fov_xy, fov_z = FIELD_OF_VIEW_MM["in_plane"], FIELD_OF_VIEW_MM["slice"]
         # The smaller in-plane size sets the pixel so the body fits across both axes.
@@ -270,30 +271,51 @@ def _paint_anatomy(rng, axes, liver_z):
     hu[cavity] = bowel[cavity]
 
     organs = [
-        (_ellipsoid(axes, (-rng.uniform(10.0, 20.0), y_v + r_v + rng.uniform(8.0, 14.0), 0),
-                    (rng.uniform(9.0, 13.0),) * 2 + (np.inf,)), rng.uniform(35.0, 45.0)),  # aorta
-        (_ellipsoid(axes, (-rng.uniform(0.55, 0.68) * ac, -rng.uniform(0.15, 0.35) * bc,
-                           liver_z[0] + rng.uniform(0.0, 30.0)),
-                    (rng.uniform(0.15, 0.22) * ac, rng.uniform(0.25, 0.35) * bc, rng.uniform(40.0, 55.0)),
-                    0.2 * _smooth_field(rng, axes, (50.0, 150.0))), rng.uniform(42.0, 52.0)),  # spleen
+        (
+            _ellipsoid(
+                axes,
+                (-rng.uniform(10.0, 20.0), y_v + r_v + rng.uniform(8.0, 14.0), 0),
+                (rng.uniform(9.0, 13.0),) * 2 + (np.inf,),
+            ),
+            rng.uniform(35.0, 45.0),
+        ),  # aorta
+        (
+            _ellipsoid(
+                axes,
+                (-rng.uniform(0.55, 0.68) * ac, -rng.uniform(0.15, 0.35) * bc, liver_z[0] + rng.uniform(0.0, 30.0)),
+                (rng.uniform(0.15, 0.22) * ac, rng.uniform(0.25, 0.35) * bc, rng.uniform(40.0, 55.0)),
+                0.2 * _smooth_field(rng, axes, (50.0, 150.0)),
+            ),
+            rng.uniform(42.0, 52.0),
+        ),  # spleen
     ]
     for side in (1, -1):  # kidneys; the right one (+x) sits lower, under the liver
-        centre = (side * rng.uniform(0.3, 0.4) * ac, y_v + rng.uniform(0.0, 10.0),
-                  liver_z[0] - rng.uniform(55.0, 85.0) - (10.0 if side > 0 else 0.0))
+        centre = (
+            side * rng.uniform(0.3, 0.4) * ac,
+            y_v + rng.uniform(0.0, 10.0),
+            liver_z[0] - rng.uniform(55.0, 85.0) - (10.0 if side > 0 else 0.0),
+        )
         semi = (rng.uniform(22.0, 30.0), rng.uniform(20.0, 26.0), rng.uniform(45.0, 55.0))
-        organs.append((_ellipsoid(axes, centre, semi, 0.15 * _smooth_field(rng, axes, (40.0, 120.0))),
-                       rng.uniform(30.0, 40.0)))
+        organs.append(
+            (_ellipsoid(axes, centre, semi, 0.15 * _smooth_field(rng, axes, (40.0, 120.0))), rng.uniform(30.0, 40.0))
+        )
     for mask, value in organs:
         hu[mask & cavity] = value
 
     # Liver: a large right lobe (+x) and a smaller left lobe reaching across the midline anteriorly.
     deform = 0.3 * _smooth_field(rng, axes, (60.0, 160.0))
-    right_lobe = _ellipsoid(axes, (rng.uniform(0.4, 0.5) * ac, rng.uniform(-0.1, 0.1) * bc, liver_z[0]),
-                            (rng.uniform(0.55, 0.7) * ac, rng.uniform(0.75, 0.9) * bc, liver_z[1]), deform)
-    left_lobe = _ellipsoid(axes, (-rng.uniform(0.1, 0.25) * ac, rng.uniform(0.3, 0.45) * bc,
-                                  liver_z[0] + rng.uniform(10.0, 30.0)),
-                           (rng.uniform(0.35, 0.45) * ac, rng.uniform(0.3, 0.4) * bc, rng.uniform(35.0, 50.0)),
-                           deform)
+    right_lobe = _ellipsoid(
+        axes,
+        (rng.uniform(0.4, 0.5) * ac, rng.uniform(-0.1, 0.1) * bc, liver_z[0]),
+        (rng.uniform(0.55, 0.7) * ac, rng.uniform(0.75, 0.9) * bc, liver_z[1]),
+        deform,
+    )
+    left_lobe = _ellipsoid(
+        axes,
+        (-rng.uniform(0.1, 0.25) * ac, rng.uniform(0.3, 0.45) * bc, liver_z[0] + rng.uniform(10.0, 30.0)),
+        (rng.uniform(0.35, 0.45) * ac, rng.uniform(0.3, 0.4) * bc, rng.uniform(35.0, 50.0)),
+        deform,
+    )
     liver = (right_lobe | left_lobe) & cavity
     hu[liver] = (rng.uniform(52.0, 68.0) + 4.0 * _smooth_field(rng, axes, (30.0, 90.0)))[liver]
 
@@ -370,8 +392,9 @@ def _choose_orientation(rng, ndim, orientation) -> str:
     code = str(orientation).upper()
     axis_of = {letter: pair for pair in ("LR", "AP", "IS") for letter in pair}
     if len(code) != 3 or sorted(axis_of.get(letter, letter) for letter in code) != ["AP", "IS", "LR"]:
-        raise DataError(f"orientation must be an axis code with one of L/R, A/P and S/I each, such as 'LPS', "
-                        f"got {orientation!r}")
+        raise DataError(
+            f"orientation must be an axis code with one of L/R, A/P and S/I each, such as 'LPS', got {orientation!r}"
+        )
     return code
 
 

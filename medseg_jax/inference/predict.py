@@ -19,7 +19,6 @@ series folder and write NIfTI atomically; probabilities go to ``{case}.npz`` (``
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -29,21 +28,21 @@ import numpy as np
 
 from medseg_jax.atomic import atomic_path
 from medseg_jax.config import InferenceConfig
-from medseg_jax.data import io
+from medseg_jax.data.case_files import CHANNEL_FILE, find_image_cases, nifti_stem
+from medseg_jax.data.image_io import check_finite, is_nifti, read_image, read_nifti_header, write_nifti
 from medseg_jax.data.preprocess import preprocess_case, restore_geometry
+from medseg_jax.data.volume import Volume
 from medseg_jax.errors import ConfigError, DataError, MedsegError
 from medseg_jax.inference.sliding_window import sliding_window
 from medseg_jax.postprocess import keep_largest_component
-
-CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})(?P<ending>\.nii\.gz|\.nii)$")
 
 
 class Prediction(NamedTuple):
     """One case's result: ``label`` (uint8 Volume in the input's geometry), ``probabilities`` (one float32
     Volume per class, or None) and ``summary`` (``seconds``, ``volume_ml`` per foreground class, ...)."""
 
-    label: io.Volume
-    probabilities: list[io.Volume] | None
+    label: Volume
+    probabilities: list[Volume] | None
     summary: dict
 
 
@@ -62,7 +61,7 @@ class _FullResolution:
         return out[0] if isinstance(out, (list, tuple)) else out
 
 
-def _voxel_volume_ml(volume: io.Volume) -> float:
+def _voxel_volume_ml(volume: Volume) -> float:
     """Volume of one voxel in millilitres (|det| of the affine's 3x3 part in mm^3; 2D: pixel area)."""
     if volume.array.ndim == 3:
         return float(abs(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
@@ -81,8 +80,17 @@ class Predictor:
     single organ whose lesions may be many); ``mesh`` splits window batches over its ``data`` axis.
     """
 
-    def __init__(self, model, params, plan: dict, inference_config: InferenceConfig | None = None, *,
-                 accumulate: str = "device", largest_component=False, mesh=None):
+    def __init__(
+        self,
+        model,
+        params,
+        plan: dict,
+        inference_config: InferenceConfig | None = None,
+        *,
+        accumulate: str = "device",
+        largest_component=False,
+        mesh=None,
+    ):
         self.params = params
         self.plan = plan
         self.config = inference_config or InferenceConfig()
@@ -106,21 +114,34 @@ class Predictor:
         else:
             raise DataError(f"a {image.ndim - 1}D image cannot be predicted with a {self.dim}D plan")
         c = self.config
-        logits = sliding_window(self.apply_fn, windows_input, self.patch_size, step=c.step_size,
-                                sigma_scale=c.sigma_scale, batch_size=c.batch_size, mirror_axes=c.mirror_axes,
-                                params=self.params, accumulate=self.accumulate, mesh=self.mesh)
+        logits = sliding_window(
+            self.apply_fn,
+            windows_input,
+            self.patch_size,
+            step=c.step_size,
+            sigma_scale=c.sigma_scale,
+            batch_size=c.batch_size,
+            mirror_axes=c.mirror_axes,
+            params=self.params,
+            accumulate=self.accumulate,
+            mesh=self.mesh,
+        )
         probabilities = np.asarray(jax.nn.softmax(logits, axis=-1), dtype=np.float32)
         if probabilities.shape[-1] != int(self.plan["num_classes"]):
-            raise ConfigError(f"the model predicts {probabilities.shape[-1]} classes, the plan has "
-                              f"{self.plan['num_classes']}")
+            raise ConfigError(
+                f"the model predicts {probabilities.shape[-1]} classes, the plan has {self.plan['num_classes']}"
+            )
         if extra == 0:
             return np.moveaxis(probabilities, -1, 0)
         return np.moveaxis(probabilities, (-1, 0), (0, probabilities.ndim - 1))
 
-    def predict_volume(self, images: list[io.Volume], return_probabilities: bool = False,
-                       case_id: str | None = None) -> Prediction:
-        """Predict one case given one :class:`~medseg_jax.data.io.Volume` per channel (plan order)."""
+    def predict_volume(
+        self, images: list[Volume], return_probabilities: bool = False, case_id: str | None = None
+    ) -> Prediction:
+        """Predict one case given one :class:`~medseg_jax.data.volume.Volume` per channel (plan order)."""
         started = time.perf_counter()
+        for volume in images:  # NaN would flow through normalisation into a plausible-looking but wrong mask
+            check_finite(volume, "scan")
         image, _, properties = preprocess_case(images, None, self.plan)
         probabilities = self.probabilities(image)  # (K, *preprocessed spatial)
         restored = restore_geometry(probabilities, properties, kind="probabilities")
@@ -129,7 +150,7 @@ class Predictor:
             label_array = keep_largest_component(label_array).astype(np.uint8)
         elif self.largest_component:  # a list of class ids
             label_array = keep_largest_component(label_array, classes=list(self.largest_component)).astype(np.uint8)
-        label = io.Volume(label_array, restored[0].affine, {"source": images[0].metadata.get("source")})
+        label = Volume(label_array, restored[0].affine, {"source": images[0].metadata.get("source")})
         voxel_ml = _voxel_volume_ml(label)
         counts = np.bincount(label_array.ravel(), minlength=int(self.plan["num_classes"]))
         summary = {
@@ -138,16 +159,25 @@ class Predictor:
             "shape": list(label.shape),
             "spacing_mm": [round(s, 4) for s in label.spacing],
             "preprocessed_shape": list(properties["shape_after_resample"]),
-            "volume_ml": {name: float(counts[value] * voxel_ml) for name, value in self.plan["labels"].items()
-                          if value > 0},
-            "largest_component": self.largest_component if isinstance(self.largest_component, bool)
+            "volume_ml": {
+                name: float(counts[value] * voxel_ml) for name, value in self.plan["labels"].items() if value > 0
+            },
+            "largest_component": self.largest_component
+            if isinstance(self.largest_component, bool)
             else list(self.largest_component),
         }
         return Prediction(label, restored if return_probabilities else None, summary)
 
 
-def predict_volume(model, params, plan: dict, images: list[io.Volume], inference_config=None,
-                   return_probabilities: bool = False, **predictor_options) -> Prediction:
+def predict_volume(
+    model,
+    params,
+    plan: dict,
+    images: list[Volume],
+    inference_config=None,
+    return_probabilities: bool = False,
+    **predictor_options,
+) -> Prediction:
     """One-call form of :meth:`Predictor.predict_volume` (options as :class:`Predictor`)."""
     predictor = Predictor(model, params, plan, inference_config, **predictor_options)
     return predictor.predict_volume(images, return_probabilities=return_probabilities)
@@ -161,12 +191,18 @@ def _write_outputs(prediction: Prediction, label_path: Path) -> list[Path]:
     written: list[Path] = []
     try:
         if prediction.probabilities is not None:
-            probs_path = label_path.with_name(re.sub(r"\.nii(\.gz)?$", "", label_path.name) + ".npz")
+            stem = nifti_stem(label_path.name)
+            if stem is None:  # a bare ".nii.gz": no case name to put before ".npz"
+                raise DataError(f"{label_path}: the mask file needs a name before .nii.gz / .nii")
+            probs_path = label_path.with_name(stem + ".npz")
             with atomic_path(probs_path) as tmp, open(tmp, "wb") as handle:
-                np.savez_compressed(handle, probabilities=np.stack([v.array for v in prediction.probabilities]),
-                                    affine=prediction.label.affine)
+                np.savez_compressed(
+                    handle,
+                    probabilities=np.stack([v.array for v in prediction.probabilities]),
+                    affine=prediction.label.affine,
+                )
             written.append(probs_path)
-        written.append(io.write_nifti(prediction.label, label_path, dtype=np.uint8))
+        written.append(write_nifti(prediction.label, label_path, dtype=np.uint8))
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
@@ -174,16 +210,66 @@ def _write_outputs(prediction: Prediction, label_path: Path) -> list[Path]:
     return written
 
 
+def refuse_overwriting_inputs(targets, inputs) -> None:
+    """Raise DataError if writing any of ``targets`` would replace one of the ``inputs`` files.
+
+    Paths are compared after resolving symbolic links and relative parts, so ``-o ./scan.nii.gz`` for
+    ``scan.nii.gz``, an output folder that is the input folder seen through a link, or an output name
+    equal to an input's name in the same folder are all caught before anything is computed.
+    """
+    resolved = {Path(path).resolve(): Path(path) for path in inputs}
+    for target in targets:
+        source = resolved.get(Path(target).resolve())
+        if source is not None:
+            raise DataError(
+                f"{target}: writing the prediction there would replace the input scan {source}; "
+                "choose another output (-o)"
+            )
+
+
+def label_target(inputs: list[Path], output_path) -> Path:
+    """Where one case's label goes: ``output_path`` if it names a NIfTI file, else ``output_path/{case}.nii.gz``."""
+    output_path = Path(output_path)
+    return output_path if is_nifti(output_path) else output_path / f"{_case_name(inputs[0])}.nii.gz"
+
+
+def prediction_targets(input_path, output_path, num_channels: int) -> list[tuple[Path, list[Path]]]:
+    """``(label file, input files in channel order)`` of every case :func:`predict_input` predicts.
+
+    A folder of NIfTI files holds the cases of :func:`~medseg_jax.data.case_files.find_image_cases`; anything
+    else is one case.
+    """
+    input_path, output_path = Path(input_path), Path(output_path)
+    if not _is_nifti_folder(input_path):
+        return [(label_target([input_path], output_path), [input_path])]
+    cases = find_image_cases(input_path, num_channels)
+    return [(output_path / f"{case}.nii.gz", paths) for case, paths in cases.items()]
+
+
+def _is_nifti_folder(path: Path) -> bool:
+    return path.is_dir() and any(is_nifti(p) for p in path.iterdir())
+
+
 def _case_name(path: Path) -> str:
     """``case`` from ``case_0000.nii.gz`` / ``case.nii.gz`` / a DICOM folder ``case/``."""
     match = CHANNEL_FILE.match(path.name)
     if match:
         return match["case"]
-    return re.sub(r"\.nii(\.gz)?$", "", path.name)
+    return nifti_stem(path.name) or path.name
 
 
-def predict_path(input_path, output_path, model, params, plan: dict, inference_config=None, *,
-                 predictor: Predictor | None = None, save_probabilities: bool = False, **predictor_options) -> dict:
+def predict_path(
+    input_path,
+    output_path,
+    model,
+    params,
+    plan: dict,
+    inference_config=None,
+    *,
+    predictor: Predictor | None = None,
+    save_probabilities: bool = False,
+    **predictor_options,
+) -> dict:
     """Predict one case from a NIfTI file, a DICOM series folder, or a list of channel files (plan order).
 
     ``output_path``: a ``.nii.gz`` / ``.nii`` file, or a folder to write ``{case}.nii.gz`` into. Returns the
@@ -192,12 +278,11 @@ def predict_path(input_path, output_path, model, params, plan: dict, inference_c
     """
     inputs = [Path(p) for p in input_path] if isinstance(input_path, (list, tuple)) else [Path(input_path)]
     name = _case_name(inputs[0])
-    output_path = Path(output_path)
-    if not io.is_nifti(output_path):
-        output_path = output_path / f"{name}.nii.gz"
+    output_path = label_target(inputs, output_path)
+    refuse_overwriting_inputs([output_path], inputs)
     predictor = predictor or Predictor(model, params, plan, inference_config, **predictor_options)
     try:
-        images = [io.read_image(p) for p in inputs]
+        images = [read_image(p) for p in inputs]
         if len({v.shape for v in images}) != 1:
             raise DataError(f"channel shapes differ: {[v.shape for v in images]}")
         prediction = predictor.predict_volume(images, return_probabilities=save_probabilities, case_id=name)
@@ -207,50 +292,37 @@ def predict_path(input_path, output_path, model, params, plan: dict, inference_c
     return {**prediction.summary, "output": str(output_path)}
 
 
-def find_cases(input_dir, num_channels: int) -> dict[str, list[Path]]:
-    """Group ``{case}_{XXXX}.nii.gz`` files of ``input_dir`` by case, channels in order (nnU-Net naming).
-
-    Raises :class:`DataError` naming the file or case for a NIfTI file without a channel suffix, a case
-    whose channels are not exactly ``_0000`` .. ``_{num_channels - 1}``, or a folder without cases.
-    """
-    input_dir = Path(input_dir)
-    if not input_dir.is_dir():
-        raise DataError(f"{input_dir}: not a folder")
-    channels: dict[str, dict[int, Path]] = {}
-    for path in sorted(input_dir.iterdir()):
-        if path.name.startswith(".") or not io.is_nifti(path):
-            continue
-        match = CHANNEL_FILE.match(path.name)
-        if not match:
-            raise DataError(f"{path}: expected nnU-Net naming {{case}}_{{XXXX}}.nii.gz (4-digit channel)")
-        channels.setdefault(match["case"], {})[int(match["channel"])] = path
-    if not channels:
-        raise DataError(f"{input_dir}: no NIfTI files to predict")
-    cases = {}
-    for case, found in sorted(channels.items()):
-        if sorted(found) != list(range(num_channels)):
-            raise DataError(f"case {case} in {input_dir}: found channel(s) {[f'{c:04d}' for c in sorted(found)]}, "
-                            f"the plan expects {num_channels} ({', '.join(f'{c:04d}' for c in range(num_channels))})")
-        cases[case] = [found[c] for c in range(num_channels)]
-    return cases
-
-
-def predict_folder(input_dir, output_dir, model, params, plan: dict, inference_config=None, *,
-                   save_probabilities: bool = False, skip_existing: bool = False, progress: bool = True,
-                   **predictor_options) -> list[dict]:
+def predict_folder(
+    input_dir,
+    output_dir,
+    model,
+    params,
+    plan: dict,
+    inference_config=None,
+    *,
+    save_probabilities: bool = False,
+    skip_existing: bool = False,
+    progress: bool = True,
+    **predictor_options,
+) -> list[dict]:
     """Predict every case of a folder in nnU-Net naming into ``output_dir/{case}.nii.gz``.
 
-    The whole folder is checked first (names, channel counts, readable headers, channel shapes), so a
-    wrong folder fails before anything is written. Each case's outputs are written atomically after it
-    is predicted; a case failing later (e.g. a corrupted voxel stream) raises :class:`DataError` naming it,
-    with the cases before it complete and nothing of it written. Returns the per-case summaries.
+    The whole folder is checked first (names, channel counts, outputs that would replace an input, readable
+    headers, channel shapes), so a wrong folder fails before anything is written. Each case's outputs are
+    written atomically after it is predicted; a case failing later (e.g. a corrupted voxel stream, NaN
+    voxels) raises :class:`DataError` naming it, with the cases before it complete and nothing of it
+    written. Returns the per-case summaries.
     """
     from tqdm.auto import tqdm
 
-    cases = find_cases(input_dir, len(plan["channel_names"]))
+    cases = find_image_cases(input_dir, len(plan["channel_names"]))
+    # one case's label must not replace another case's channel file either (cases "x" and "x_0000")
+    refuse_overwriting_inputs(
+        [Path(output_dir) / f"{case}.nii.gz" for case in cases], [path for paths in cases.values() for path in paths]
+    )
     for case, paths in cases.items():
         try:
-            shapes = {io.read_nifti_header(p)[0] for p in paths}
+            shapes = {read_nifti_header(p)[0] for p in paths}
         except DataError as exc:
             raise DataError(f"case {case}: {exc}") from exc
         if len(shapes) != 1:
@@ -262,16 +334,24 @@ def predict_folder(input_dir, output_dir, model, params, plan: dict, inference_c
         target = output_dir / f"{case}.nii.gz"
         if skip_existing and target.exists():
             continue
-        summaries.append(predict_path(paths, target, None, None, plan, predictor=predictor,
-                                      save_probabilities=save_probabilities))
+        summaries.append(
+            predict_path(paths, target, None, None, plan, predictor=predictor, save_probabilities=save_probabilities)
+        )
     return summaries
 
 
 def predict_input(input_path, output_path, model, params, plan: dict, inference_config=None, **options):
     """Dispatch for a command line: a folder holding NIfTI files -> :func:`predict_folder` (returns a list of
-    summaries); a NIfTI file or a DICOM series folder -> :func:`predict_path` (returns a one-item list)."""
+    summaries); a NIfTI file or a DICOM series folder -> :func:`predict_path` (returns a one-item list).
+
+    Either refuses an ``output_path`` that would replace an input scan before predicting anything.
+    """
     input_path = Path(input_path)
-    if input_path.is_dir() and any(io.is_nifti(p) for p in input_path.iterdir()):
+    if _is_nifti_folder(input_path):
+        if is_nifti(output_path):
+            raise DataError(
+                f"{output_path}: names one NIfTI file, but {input_path} is a folder of scans; give an output folder"
+            )
         return predict_folder(input_path, output_path, model, params, plan, inference_config, **options)
     options.pop("skip_existing", None)
     options.pop("progress", None)

@@ -56,8 +56,7 @@ def _gaussian_cached(patch_size: tuple[int, ...], sigma_scale: float, dtype_name
     return blurred
 
 
-def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8,
-                            dtype=np.float32) -> np.ndarray:
+def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8, dtype=np.float32) -> np.ndarray:
     """nnU-Net's Gaussian window weights, shape ``patch_size``.
 
     A delta at the centre voxel ``patch // 2`` blurred with ``scipy.ndimage.gaussian_filter`` (sigma
@@ -87,8 +86,9 @@ def compute_window_starts(image_shape: Sequence[int], patch_size: Sequence[int],
     starts = []
     for size, patch in zip(image_shape, patch_size):
         if size < patch:
-            raise ConfigError(f"image shape {tuple(image_shape)} is smaller than patch_size {tuple(patch_size)}; "
-                              "pad it first")
+            raise ConfigError(
+                f"image shape {tuple(image_shape)} is smaller than patch_size {tuple(patch_size)}; pad it first"
+            )
         count = int(np.ceil((size - patch) / (patch * step))) + 1
         spacing = (size - patch) / (count - 1) if count > 1 else 0.0
         starts.append([int(np.round(spacing * i)) for i in range(count)])
@@ -181,8 +181,9 @@ def _device_program(apply_fn, with_params, patch, batch_size, mirror_subsets, nu
 
         def predict(window_starts):
             windows = _constrain(jax.vmap(cut)(window_starts), window_sharding)
-            return _constrain(_mirrored_prediction(call, params, windows, mirror_subsets, window_sharding),
-                              window_sharding)
+            return _constrain(
+                _mirrored_prediction(call, params, windows, mirror_subsets, window_sharding), window_sharding
+            )
 
         k = num_classes
         if k is None:
@@ -205,8 +206,9 @@ def _device_program(apply_fn, with_params, patch, batch_size, mirror_subsets, nu
         acc, _ = lax.scan(add_batch, acc, batches)
 
         def add_weight(i, total):
-            return lax.dynamic_update_slice(total, lax.dynamic_slice(total, spatial_starts[i], patch) + weight,
-                                            spatial_starts[i])
+            return lax.dynamic_update_slice(
+                total, lax.dynamic_slice(total, spatial_starts[i], patch) + weight, spatial_starts[i]
+            )
 
         total = lax.fori_loop(0, spatial_starts.shape[0], add_weight, jnp.zeros(padded.shape[1:-1], jnp.float32))
         logits = acc / total[None, ..., None]
@@ -251,7 +253,7 @@ def _host_accumulate(program, params, image, patch, step, batch_size, weight, wi
                 acc[window_region(start)] += logits
 
     for first in range(0, len(starts), batch_size):
-        batch_starts, batch_valid = starts[first:first + batch_size], valid[first:first + batch_size]
+        batch_starts, batch_valid = starts[first : first + batch_size], valid[first : first + batch_size]
         windows = np.stack([padded[window_region(s)] for s in batch_starts])
         if window_sharding is not None:
             windows = jax.device_put(windows, window_sharding)
@@ -288,10 +290,22 @@ def _cached(builder, *key):
         return builder.__wrapped__(*key)
 
 
-def sliding_window(apply_fn: Callable, image, patch_size: Sequence[int], step: float = 0.5,
-                   blend: str = "gaussian", sigma_scale: float = 1.0 / 8, batch_size: int = 2,
-                   mirror_axes: Sequence[int] | None = None, num_classes: int | None = None, *, params=None,
-                   accumulate: str = "device", mesh=None, data_axis: str = "data"):
+def sliding_window(
+    apply_fn: Callable,
+    image,
+    patch_size: Sequence[int],
+    step: float = 0.5,
+    blend: str = "gaussian",
+    sigma_scale: float = 1.0 / 8,
+    batch_size: int = 2,
+    mirror_axes: Sequence[int] | None = None,
+    num_classes: int | None = None,
+    *,
+    params=None,
+    accumulate: str = "device",
+    mesh=None,
+    data_axis: str = "data",
+):
     """Blended logits of ``apply_fn`` over a whole image (see the module docstring for the conventions).
 
     Args:
@@ -317,8 +331,10 @@ def sliding_window(apply_fn: Callable, image, patch_size: Sequence[int], step: f
     patch = tuple(int(p) for p in patch_size)
     ndim = len(patch)
     if np.ndim(image) not in (ndim + 1, ndim + 2):
-        raise ConfigError(f"image of shape {np.shape(image)} does not fit a {ndim}D patch_size {patch}: expected "
-                          f"(*{ndim} spatial, C) or (N, *{ndim} spatial, C)")
+        raise ConfigError(
+            f"image of shape {np.shape(image)} does not fit a {ndim}D patch_size {patch}: expected "
+            f"(*{ndim} spatial, C) or (N, *{ndim} spatial, C)"
+        )
     if blend not in ("gaussian", "constant"):
         raise ConfigError(f"blend must be 'gaussian' or 'constant', got {blend!r}")
     if accumulate not in ("device", "host"):
@@ -327,8 +343,7 @@ def sliding_window(apply_fn: Callable, image, patch_size: Sequence[int], step: f
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     compute_window_starts(patch, patch, step)  # validates step and patch
     single = np.ndim(image) == ndim + 1
-    weight = (gaussian_importance_map(patch, sigma_scale) if blend == "gaussian"
-              else np.ones(patch, np.float32))
+    weight = gaussian_importance_map(patch, sigma_scale) if blend == "gaussian" else np.ones(patch, np.float32)
     mirror_subsets = _mirror_subsets(mirror_axes, ndim)
     window_sharding, batch_size = _window_sharding(mesh, data_axis, int(batch_size))
     with_params = params is not None
@@ -338,8 +353,16 @@ def sliding_window(apply_fn: Callable, image, patch_size: Sequence[int], step: f
         batched = np.asarray(image)[None] if single else np.asarray(image)
         logits = _host_accumulate(program, params, batched, patch, step, batch_size, weight, window_sharding)
     else:
-        program = _cached(_device_program, apply_fn, with_params, patch, batch_size, mirror_subsets,
-                          None if num_classes is None else int(num_classes), window_sharding)
+        program = _cached(
+            _device_program,
+            apply_fn,
+            with_params,
+            patch,
+            batch_size,
+            mirror_subsets,
+            None if num_classes is None else int(num_classes),
+            window_sharding,
+        )
         batched = image[None] if single else image
         padded = [max(s, p) for s, p in zip(np.shape(batched)[1:-1], patch)]
         starts, valid, spatial_starts = _window_table(np.shape(batched)[0], padded, patch, step, batch_size)

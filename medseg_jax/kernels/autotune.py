@@ -1,10 +1,10 @@
-"""Autotuning: time each implementation of an operation for given shapes, cache the timings on disk,
-and pick the fastest for a model's own layers.
+"""Per-operation autotuning: time each implementation of an operation for given shapes, and cache the
+timings on disk. Choosing implementations for a whole model's layers sits above the models, in
+:func:`medseg_jax.bench.model_tuning.autotune_model` (kernels never import models).
 
 What is timed: one jitted forward + backward (the VJP for a fixed cotangent, with respect to input
-and kernel) per implementation, after one warm-up call, the median of ``runs`` calls. Implementations
-are timed round-robin (one call of each per round) so that a load change on a shared machine hits all
-of them alike.
+and kernel) per implementation, after one warm-up call, the median of ``runs`` calls, implementations
+called round-robin (:func:`medseg_jax.kernels.timing.time_round_robin`).
 
 Cache: a JSON file, ``$MEDSEG_JAX_CACHE/autotune.json`` when that variable is set, else
 ``$XDG_CACHE_HOME/medseg_jax/autotune.json`` (``~/.cache/...`` without it), written atomically. One
@@ -13,21 +13,19 @@ entry per device kind, operation, shapes, strides and dtype; entries are reused 
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import os
 import statistics
-import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
 from medseg_jax.atomic import write_json_atomic
-from medseg_jax.kernels.select import backend_name, implementations, resolve
-from medseg_jax.kernels.upsample_pallas import use_interpret
+from medseg_jax.kernels.select import backend_name, implementations, pallas_interpreted, resolve
+from medseg_jax.kernels.timing import time_round_robin
 
 CACHE_VERSION = 1
 
@@ -45,8 +43,10 @@ class OpCase:
 
     def key(self, device: str) -> str:
         shape = lambda s: "x".join(map(str, s))
-        return (f"{device}|{self.operation}|in={shape(self.input_shape)}|kernel={shape(self.kernel_shape)}"
-                f"|strides={shape(self.strides)}|{self.dtype}")
+        return (
+            f"{device}|{self.operation}|in={shape(self.input_shape)}|kernel={shape(self.kernel_shape)}"
+            f"|strides={shape(self.strides)}|{self.dtype}"
+        )
 
 
 def device_id() -> str:
@@ -85,7 +85,7 @@ def default_candidates(operation: str) -> list[str]:
     """Every registered implementation, less Pallas where it would run interpreted (orders of
     magnitude slower: timing it on CPU is a waste)."""
     names = sorted(implementations(operation))
-    return [n for n in names if not (n == "pallas" and use_interpret())]
+    return [n for n in names if not (n == "pallas" and pallas_interpreted())]
 
 
 def case_function(case: OpCase, implementation: str):
@@ -113,22 +113,25 @@ def case_arguments(case: OpCase, key=None):
 
 
 def time_case(case: OpCase, candidates: Sequence[str], runs: int = 3) -> dict[str, float]:
-    """Median seconds of one forward + backward per implementation, timed round-robin."""
+    """Median seconds of one forward + backward per implementation (one warm-up round, which
+    compiles, then ``runs`` rounds round-robin)."""
     args = case_arguments(case)
-    functions = {name: case_function(case, name) for name in candidates}
-    for fn in functions.values():  # compile + warm up
-        jax.block_until_ready(fn(*args))
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(max(1, runs)):
-        for name, fn in functions.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            samples[name].append(time.perf_counter() - start)
+    calls = {}
+    for name in candidates:
+        fn = case_function(case, name)
+        calls[name] = lambda fn=fn: jax.block_until_ready(fn(*args))
+    samples = time_round_robin(calls, runs, warmup=1)
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
-def autotune_case(case: OpCase, candidates: Sequence[str] | None = None, *, cache: str | os.PathLike | None = None,
-                  runs: int = 3, refresh: bool = False) -> tuple[str, dict[str, float]]:
+def autotune_case(
+    case: OpCase,
+    candidates: Sequence[str] | None = None,
+    *,
+    cache: str | os.PathLike | None = None,
+    runs: int = 3,
+    refresh: bool = False,
+) -> tuple[str, dict[str, float]]:
     """The fastest of ``candidates`` for ``case`` and the seconds of each (cached timings are reused
     unless ``refresh``; new timings are merged into the cache file)."""
     candidates = list(candidates or default_candidates(case.operation))
@@ -145,60 +148,4 @@ def autotune_case(case: OpCase, candidates: Sequence[str] | None = None, *, cach
         entries[key] = {"seconds": seconds, "jax": jax.__version__}
         save_cache(path, entries)
     timed = {name: seconds[name] for name in candidates}
-    return min(timed, key=timed.get), timed
-
-
-def layer_cases(model, input_shape: Sequence[int], dtype: str = "float32") -> list[OpCase]:
-    """Every conv and upsampling call the model makes on an input of ``input_shape`` (one entry per
-    call, so repeated shapes count once per layer). Found by intercepting module calls during an
-    abstract ``init``: nothing is computed."""
-    from flax import linen as nn
-
-    from medseg_jax.models.blocks import Conv, Upsample
-
-    found: list[OpCase] = []
-
-    def record(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name == "__call__" and isinstance(module, (Conv, Upsample)):
-            x_shape = tuple(args[0].shape)
-            if isinstance(module, Conv):
-                found.append(OpCase("conv", x_shape, (*module.kernel_size, x_shape[-1], module.features),
-                                    tuple(module.strides), dtype))
-            else:
-                found.append(OpCase("upsample", x_shape, (*module.strides, x_shape[-1], module.features),
-                                    tuple(module.strides), dtype))
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(record):
-        jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
-    return found
-
-
-def autotune_model(model, input_shape: Sequence[int], *, candidates: dict[str, Sequence[str]] | None = None,
-                   cache: str | os.PathLike | None = None, runs: int = 3, refresh: bool = False):
-    """``model`` (a :class:`medseg_jax.models.UNet`) with ``conv_implementation`` and
-    ``upsample_implementation`` set to the candidates with the least total time over the model's own
-    layers at ``input_shape`` (forward + backward, see :func:`time_case`), and a report
-    ``{operation: {"chosen": name, "total_seconds": {name: s}, "cases": n}}``.
-
-    Only operations whose model field is ``"auto"`` are tuned; explicit choices are kept.
-    """
-    dtype = jnp.dtype(model.dtype).name
-    fields = {"conv": "conv_implementation", "upsample": "upsample_implementation"}
-    report, changes = {}, {}
-    cases = layer_cases(model, input_shape, dtype)
-    for operation, field_name in fields.items():
-        if getattr(model, field_name) != "auto":
-            continue
-        names = list((candidates or {}).get(operation) or default_candidates(operation))
-        totals = dict.fromkeys(names, 0.0)
-        op_cases = [c for c in cases if c.operation == operation]
-        for case, count in collections.Counter(op_cases).items():  # each distinct shape timed once
-            _, seconds = autotune_case(case, names, cache=cache, runs=runs, refresh=refresh)
-            for name in names:
-                totals[name] += count * seconds[name]
-        chosen = min(totals, key=totals.get) if op_cases else resolve(operation, "auto")
-        changes[field_name] = chosen
-        report[operation] = {"chosen": chosen, "total_seconds": totals, "cases": len(op_cases)}
-    return model.clone(**changes), report
+    return min(timed, key=timed.__getitem__), timed

@@ -26,7 +26,7 @@ to reduce to that XLA would run faster).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
 from jax import lax
@@ -55,8 +55,12 @@ def conv_xla(x, kernel, bias, strides: Sequence[int], accumulate_dtype=None):
     spatial = x.ndim - 2
     taps = kernel.shape[:spatial]
     y = lax.conv_general_dilated(
-        x, kernel.astype(x.dtype), tuple(strides), [(k // 2, k // 2) for k in taps],
-        dimension_numbers=dimension_numbers(spatial), preferred_element_type=accumulate_dtype,
+        x,
+        kernel.astype(x.dtype),
+        tuple(strides),
+        [(k // 2, k // 2) for k in taps],
+        dimension_numbers=dimension_numbers(spatial),
+        preferred_element_type=accumulate_dtype,
     )
     return add_bias(y, bias)
 
@@ -71,7 +75,7 @@ def depth_slices(x, kernel_depth: int, stride_depth: int) -> list:
     depth_out = conv_output_size(x.shape[1], kernel_depth, stride_depth)
     padded = jnp.pad(x, [(0, 0), (half, half)] + [(0, 0)] * (x.ndim - 2))
     stop = lambda t: t + (depth_out - 1) * stride_depth + 1
-    return [padded[:, t: stop(t): stride_depth] for t in range(kernel_depth)]
+    return [padded[:, t : stop(t) : stride_depth] for t in range(kernel_depth)]
 
 
 def fold_depth(x):
@@ -86,10 +90,10 @@ def conv_depth_sum(x, kernel, bias, strides: Sequence[int]):
     batch = x.shape[0]
     # Low-precision inputs: the partial sums are added in float32 and rounded once, as one conv would.
     accumulate = jnp.float32 if jnp.finfo(x.dtype).bits < 32 else None
-    total = None
-    for tap, piece in enumerate(depth_slices(x, kernel.shape[0], strides[0])):
-        y = conv_xla(fold_depth(piece), kernel[tap], None, strides[1:], accumulate)
-        total = y if total is None else total + y
+    pieces = depth_slices(x, kernel.shape[0], strides[0])
+    total = conv_xla(fold_depth(pieces[0]), kernel[0], None, strides[1:], accumulate)
+    for tap in range(1, len(pieces)):
+        total = total + conv_xla(fold_depth(pieces[tap]), kernel[tap], None, strides[1:], accumulate)
     total = total.reshape(batch, -1, *total.shape[1:]).astype(x.dtype)
     return add_bias(total, bias)
 

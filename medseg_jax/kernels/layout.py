@@ -7,9 +7,8 @@ channel). One matmul of the input rows ``(N * prod(S), C_in)`` with :func:`kerne
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import math
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 

@@ -15,19 +15,20 @@ Implementations:
 - ``matmul``: one matmul over channels followed by depth-to-space (reshape + transpose). Exact, and
   typically much faster, because no multiply ever touches a dilation zero.
 - ``pallas``: the same matmul as a Pallas kernel with a hand-written VJP
-  (:mod:`medseg_jax.kernels.upsample_pallas`); registered only where ``jax.experimental.pallas``
-  imports. On CPU it runs in interpret mode (correct, slow: for tests).
+  (:mod:`medseg_jax.kernels.upsample_pallas`); registered where the installed jax ships
+  ``jax.experimental.pallas``, and imported only when this implementation is first called (Pallas is
+  experimental and heavy to import: a model that does not use it never loads it). On CPU it runs in
+  interpret mode (correct, slow: for tests).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import importlib.util
+from collections.abc import Callable, Sequence
 
 from jax import lax
 
 from medseg_jax.kernels.layout import depth_to_space, kernel_matrix
-from medseg_jax.kernels.upsample_pallas import AVAILABLE as PALLAS_AVAILABLE
-from medseg_jax.kernels.upsample_pallas import upsample_pallas
 
 
 def upsample_conv_transpose(x, kernel, bias, stride: Sequence[int]):
@@ -55,11 +56,27 @@ def upsample_matmul(x, kernel, bias, stride: Sequence[int]):
     return y + bias.astype(y.dtype)
 
 
+def pallas_shipped() -> bool:
+    """Whether the installed jax has ``jax.experimental.pallas``, found without importing it."""
+    try:
+        return importlib.util.find_spec("jax.experimental.pallas") is not None
+    except (ImportError, ValueError):  # pragma: no cover - depends on the installed jax
+        return False
+
+
+def upsample_pallas(x, kernel, bias, stride: Sequence[int]):
+    """The Pallas kernel (:func:`medseg_jax.kernels.upsample_pallas.upsample_pallas`), imported on
+    first use."""
+    from medseg_jax.kernels.upsample_pallas import upsample_pallas as pallas_kernel
+
+    return pallas_kernel(x, kernel, bias, stride)
+
+
 UPSAMPLE_IMPLEMENTATIONS: dict[str, Callable] = {
     "conv_transpose": upsample_conv_transpose,
     "matmul": upsample_matmul,
 }
-if PALLAS_AVAILABLE:
+if pallas_shipped():
     UPSAMPLE_IMPLEMENTATIONS["pallas"] = upsample_pallas
 
 

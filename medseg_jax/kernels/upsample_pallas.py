@@ -11,24 +11,26 @@ Block shapes: 128 rows per grid step; ``C_in`` whole (padded to a power of two, 
 Triton's ``dot`` wants power-of-two blocks of at least 16); output columns in blocks of 128 (padded
 up). Zero padding does not change the result. These blocks satisfy Mosaic's (8, 128) tiling as well.
 The import of Pallas is guarded so that this module imports everywhere; :data:`AVAILABLE` says
-whether the kernel can run.
+whether the kernel can run. Only :mod:`medseg_jax.kernels.upsample`'s ``pallas`` entry imports this
+module, on its first call.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
 from medseg_jax.kernels.layout import depth_to_space, kernel_matrix, matrix_to_kernel, space_to_depth
+from medseg_jax.kernels.select import pallas_interpreted
 
 try:  # Pallas is experimental: its import path and API move between jax releases.
     from jax.experimental import pallas as pl
 except Exception:  # pragma: no cover - depends on the installed jax
-    pl = None
+    pl = None  # type: ignore[assignment]
 
 AVAILABLE = pl is not None and hasattr(pl, "pallas_call") and hasattr(pl, "BlockSpec")
 
@@ -43,11 +45,6 @@ def round_up(value: int, multiple: int) -> int:
 def padded_depth(size: int) -> int:
     """The contraction size a block holds whole: a power of two, at least 16."""
     return max(16, 1 << (size - 1).bit_length())
-
-
-def use_interpret() -> bool:
-    """Pallas compiles for TPU and GPU only; on any other backend run the kernel interpreted."""
-    return jax.default_backend() not in ("tpu", "gpu", "cuda", "rocm")
 
 
 def _matmul_bias_kernel(x_ref, w_ref, b_ref, o_ref):
@@ -77,7 +74,7 @@ def pallas_matmul_bias(x, w, b, *, interpret: bool | None = None):
             pl.BlockSpec(block_shape=(1, BLOCK_COLS), index_map=lambda i, j: (0, j)),
         ],
         out_specs=pl.BlockSpec(block_shape=(BLOCK_ROWS, BLOCK_COLS), index_map=lambda i, j: (i, j)),
-        interpret=use_interpret() if interpret is None else interpret,
+        interpret=pallas_interpreted() if interpret is None else interpret,
     )
     return call(x_p, w_p, b_p)[:rows, :cols]
 

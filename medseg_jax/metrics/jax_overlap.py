@@ -1,21 +1,22 @@
 """Dice and IoU as pure JAX functions, usable inside a jitted eval step.
 
-Same definitions and empty-mask conventions as the numpy :mod:`medseg_jax.metrics.overlap`: per class
-``dice = 2 TP / (2 TP + FP + FN)``, ``iou = TP / (TP + FP + FN)``; ``empty="nnunet"`` (default) gives
-NaN when both masks are empty and 0 when one is; ``empty="monai"`` gives NaN whenever the reference is
-empty. ``num_classes`` and ``empty`` are Python values (static under ``jax.jit``). Counts are summed over
-every axis (the whole batch); ``jax.vmap`` over the batch axis gives per-sample values. Counts are int32,
-so a single call must cover fewer than 2^31 voxels.
+Same definitions and empty-mask conventions as the numpy :mod:`medseg_jax.metrics.overlap`, whose
+:func:`~medseg_jax.metrics.overlap.dice_iou_from_counts` computes the scores here too (with
+``xp=jax.numpy``): per class ``dice = 2 TP / (2 TP + FP + FN)``, ``iou = TP / (TP + FP + FN)``;
+``empty="nnunet"`` (default) gives NaN when both masks are empty and 0 when one is; ``empty="monai"``
+gives NaN whenever the reference is empty. ``num_classes`` and ``empty`` are Python values (static under
+``jax.jit``). Counts are summed over every axis (the whole batch); ``jax.vmap`` over the batch axis gives
+per-sample values. Counts are int32, so a single call must cover fewer than 2^31 voxels.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from medseg_jax.metrics.conventions import check_convention
+from medseg_jax.metrics.overlap import dice_iou_from_counts
 
 
-def overlap_counts(prediction, reference, num_classes: int, valid=None):
+def per_class_tp_fp_fn(prediction, reference, num_classes: int, valid=None):
     """Per-class ``(tp, fp, fn)``, each int32 of shape ``(num_classes,)``, from two label maps.
 
     ``prediction``, ``reference``: integer arrays of equal shape ``(...)``; ``valid``: optional boolean
@@ -31,24 +32,10 @@ def overlap_counts(prediction, reference, num_classes: int, valid=None):
     return tp, jnp.sum(pred, axis=axes, dtype=jnp.int32) - tp, jnp.sum(ref, axis=axes, dtype=jnp.int32) - tp
 
 
-def dice_iou_from_counts(tp, fp, fn, empty: str = "nnunet"):
-    """Per-class ``(dice, iou)`` float32 arrays from counts, with the ``empty`` convention."""
-    check_convention(empty)
-    tp, fp, fn = (jnp.asarray(x, jnp.float32) for x in (tp, fp, fn))
-    union = tp + fp + fn
-    undefined = union == 0
-    if empty == "monai":
-        undefined = undefined | (tp + fn == 0)
-    safe = jnp.where(union == 0, 1.0, union)
-    dice = jnp.where(undefined, jnp.nan, 2 * tp / (safe + tp))
-    iou = jnp.where(undefined, jnp.nan, tp / safe)
-    return dice, iou
-
-
 def dice_iou(prediction, reference, num_classes: int, empty: str = "nnunet", valid=None) -> dict:
     """``{"dice", "iou", "tp", "fp", "fn"}``, each of shape ``(num_classes,)``, from two label maps."""
-    tp, fp, fn = overlap_counts(prediction, reference, num_classes, valid)
-    dice, iou = dice_iou_from_counts(tp, fp, fn, empty)
+    tp, fp, fn = per_class_tp_fp_fn(prediction, reference, num_classes, valid)
+    dice, iou = dice_iou_from_counts(tp, fp, fn, empty, xp=jnp)
     return {"dice": dice, "iou": iou, "tp": tp, "fp": fp, "fn": fn}
 
 

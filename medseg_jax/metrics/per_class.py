@@ -9,11 +9,13 @@ surface-element definition (:mod:`medseg_jax.metrics.surface`), empty masks the 
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 
 from medseg_jax.errors import DataError
 from medseg_jax.metrics.conventions import check_convention, empty_value
-from medseg_jax.metrics.overlap import dice_iou, overlap_counts, volume
+from medseg_jax.metrics.overlap import binary_tp_fp_fn, dice_iou_from_counts, volume
 from medseg_jax.metrics.surface import (
     average_symmetric_surface_distance,
     hausdorff_distance,
@@ -25,9 +27,15 @@ METRIC_NAMES = ("dice", "iou", "hd95", "assd", "nsd", "volume_ref", "volume_pred
 DEFAULT_NSD_TOLERANCE_MM = 1.0  # FLARE challenge convention; set it per structure where a protocol says so
 
 
-def segmentation_metrics(prediction: np.ndarray, reference: np.ndarray, spacing, classes,
-                         nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM, empty: str = "nnunet",
-                         surface: str = "element") -> dict[int, dict[str, float]]:
+def segmentation_metrics(
+    prediction: np.ndarray,
+    reference: np.ndarray,
+    spacing,
+    classes,
+    nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
+    empty: str = "nnunet",
+    surface: str = "element",
+) -> dict[int, dict[str, float]]:
     """``{class: {metric: value}}`` for every class id in ``classes`` (keys in :data:`METRIC_NAMES`).
 
     ``prediction``, ``reference``: integer label maps of equal shape, 2D or 3D; ``spacing``: voxel size in
@@ -41,8 +49,8 @@ def segmentation_metrics(prediction: np.ndarray, reference: np.ndarray, spacing,
     results = {}
     for k in classes:
         pred, ref = prediction == k, reference == k
-        tp, fp, fn = overlap_counts(pred, ref)
-        dice, iou = dice_iou(tp, fp, fn, empty)
+        tp, fp, fn = binary_tp_fp_fn(pred, ref)
+        dice, iou = (float(v) for v in dice_iou_from_counts(tp, fp, fn, empty))
         distances = surface_distances(ref, pred, spacing, surface=surface)
         volume_ref, volume_pred = volume(tp + fn, spacing), volume(tp + fp, spacing)
         results[int(k)] = {
@@ -66,5 +74,6 @@ def empty_case_metrics(empty: str = "nnunet") -> dict[str, float]:
 
     Lets a caller fill in classes it did not compute because neither map contains them.
     """
-    scores = {m: empty_value(m, True, True, empty) for m in ("dice", "iou", "hd95", "assd", "nsd")}
+    # Both maps empty: empty_value never returns None (that means "compute it"), only a float.
+    scores = {m: cast(float, empty_value(m, True, True, empty)) for m in ("dice", "iou", "hd95", "assd", "nsd")}
     return {**scores, "volume_ref": 0.0, "volume_pred": 0.0, "volume_diff": 0.0, "tp": 0, "fp": 0, "fn": 0}

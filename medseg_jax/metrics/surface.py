@@ -67,8 +67,9 @@ class SurfaceDistances:
         return self.areas_pred.size == 0
 
 
-def surface_distances(reference: np.ndarray, prediction: np.ndarray, spacing, surface: str = "element"
-                      ) -> SurfaceDistances:
+def surface_distances(
+    reference: np.ndarray, prediction: np.ndarray, spacing, surface: str = "element"
+) -> SurfaceDistances:
     """Surface elements of two boolean masks of equal shape and their distances to the other surface.
 
     ``spacing`` has one positive entry (mm) per array axis. Work is done on the bounding box of the
@@ -108,9 +109,13 @@ def hausdorff_distance(distances: SurfaceDistances, percentile: float = 95.0, em
     special = empty_value("hd95", distances.reference_empty, distances.prediction_empty, empty)
     if special is not None:
         return special
-    directed = (_directed_percentile(d, a, percentile, distances.surface)
-                for d, a in ((distances.distances_ref_to_pred, distances.areas_ref),
-                             (distances.distances_pred_to_ref, distances.areas_pred)))
+    directed = (
+        _directed_percentile(d, a, percentile, distances.surface)
+        for d, a in (
+            (distances.distances_ref_to_pred, distances.areas_ref),
+            (distances.distances_pred_to_ref, distances.areas_pred),
+        )
+    )
     return float(max(directed))
 
 
@@ -124,8 +129,9 @@ def average_symmetric_surface_distance(distances: SurfaceDistances, empty: str =
     special = empty_value("assd", distances.reference_empty, distances.prediction_empty, empty)
     if special is not None:
         return special
-    weighted = (np.sum(distances.distances_ref_to_pred * distances.areas_ref)
-                + np.sum(distances.distances_pred_to_ref * distances.areas_pred))
+    weighted = np.sum(distances.distances_ref_to_pred * distances.areas_ref) + np.sum(
+        distances.distances_pred_to_ref * distances.areas_pred
+    )
     return float(weighted / (np.sum(distances.areas_ref) + np.sum(distances.areas_pred)))
 
 
@@ -141,8 +147,9 @@ def normalized_surface_dice(distances: SurfaceDistances, tolerance_mm: float, em
     special = empty_value("nsd", distances.reference_empty, distances.prediction_empty, empty)
     if special is not None:
         return special
-    close = (np.sum(distances.areas_ref[distances.distances_ref_to_pred <= tolerance_mm])
-             + np.sum(distances.areas_pred[distances.distances_pred_to_ref <= tolerance_mm]))
+    close = np.sum(distances.areas_ref[distances.distances_ref_to_pred <= tolerance_mm]) + np.sum(
+        distances.areas_pred[distances.distances_pred_to_ref <= tolerance_mm]
+    )
     return float(close / (np.sum(distances.areas_ref) + np.sum(distances.areas_pred)))
 
 
@@ -167,11 +174,11 @@ def _padded_union_crop(reference: np.ndarray, prediction: np.ndarray):
     union = reference | prediction
     if not union.any():
         return None
-    window = []
+    bounds = []
     for axis in range(union.ndim):
         hits = np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != axis)))
-        window.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    window = tuple(window)
+        bounds.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    window = tuple(bounds)
     return np.pad(reference[window], 1), np.pad(prediction[window], 1)
 
 

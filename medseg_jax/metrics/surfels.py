@@ -120,8 +120,11 @@ def _face_segments(corners: list[tuple[int, ...]], inside: set) -> list[tuple[tu
         fixed_axes = [a for a in range(ndim) if a not in free]
         for fixed in itertools.product((0, 1), repeat=len(fixed_axes)):
             face = [c for c in corners if all(c[a] == v for a, v in zip(fixed_axes, fixed))]
-            cut = [(a, b) for a, b in itertools.combinations(face, 2)
-                   if sum(x != y for x, y in zip(a, b)) == 1 and (a in inside) != (b in inside)]
+            cut = [
+                (a, b)
+                for a, b in itertools.combinations(face, 2)
+                if sum(x != y for x, y in zip(a, b)) == 1 and (a in inside) != (b in inside)
+            ]
             if len(cut) == 2:
                 segments.append((cut[0], cut[1]))
             elif len(cut) == 4:  # ambiguous face: cut off the two minority corners
@@ -166,13 +169,16 @@ def _max_area_triangles(polygon: list[tuple]) -> list[tuple]:
     def area(i, j, k):
         return 0.5 * float(np.linalg.norm(np.cross(points[j] - points[i], points[k] - points[i])))
 
-    best = {(i, i + 1): (0.0, None) for i in range(n - 1)}
+    # (best area, split vertex); adjacent pairs have no split vertex.
+    best: dict[tuple[int, int], tuple[float, int | None]] = {(i, i + 1): (0.0, None) for i in range(n - 1)}
     for gap in range(2, n):
         for i in range(n - gap):
             j = i + gap
-            best[i, j] = max(((best[i, k][0] + best[k, j][0] + area(i, k, j), k) for k in range(i + 1, j)),
-                             key=lambda item: item[0])
-    triangles, stack = [], [(0, n - 1)]
+            best[i, j] = max(
+                ((best[i, k][0] + best[k, j][0] + area(i, k, j), k) for k in range(i + 1, j)), key=lambda item: item[0]
+            )
+    triangles: list[tuple] = []
+    stack = [(0, n - 1)]
     while stack:
         i, j = stack.pop()
         k = best[i, j][1]

@@ -7,7 +7,8 @@ bf16 sums over a 128^3 feature map lose most of their precision.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -80,8 +81,11 @@ class Conv(nn.Module):
         kernel = self.param("kernel", he_normal, shape, self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
         return conv(
-            x.astype(self.dtype), kernel.astype(self.dtype), None if bias is None else bias.astype(self.dtype),
-            self.strides, resolve("conv", self.implementation),
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            None if bias is None else bias.astype(self.dtype),
+            self.strides,
+            resolve("conv", self.implementation),
         )
 
 
@@ -104,8 +108,14 @@ class ConvNormAct(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = Conv(
-            self.features, tuple(self.kernel_size), tuple(self.strides), use_bias=self.use_bias,
-            implementation=self.conv_implementation, dtype=self.dtype, param_dtype=self.param_dtype, name="conv",
+            self.features,
+            tuple(self.kernel_size),
+            tuple(self.strides),
+            use_bias=self.use_bias,
+            implementation=self.conv_implementation,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="conv",
         )(x)
         x = InstanceNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
         if self.activate:
@@ -157,20 +167,31 @@ class ResidualBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        common = dict(use_bias=self.use_bias, conv_implementation=self.conv_implementation, dtype=self.dtype,
-                      param_dtype=self.param_dtype)
+        common = dict(
+            use_bias=self.use_bias,
+            conv_implementation=self.conv_implementation,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
         ones = (1,) * len(self.strides)
         residual = ConvNormAct(self.features, self.kernel_size, self.strides, name="conv_block_0", **common)(x)
-        residual = ConvNormAct(
-            self.features, self.kernel_size, ones, activate=False, name="conv_block_1", **common
-        )(residual)
+        residual = ConvNormAct(self.features, self.kernel_size, ones, activate=False, name="conv_block_1", **common)(
+            residual
+        )
         skip = x
         if any(s != 1 for s in self.strides):
             skip = nn.avg_pool(skip, window_shape=tuple(self.strides), strides=tuple(self.strides))
         if x.shape[-1] != self.features:
             skip = ConvNormAct(
-                self.features, ones, ones, activate=False, name="skip_projection", use_bias=False,
-                conv_implementation=self.conv_implementation, dtype=self.dtype, param_dtype=self.param_dtype,
+                self.features,
+                ones,
+                ones,
+                activate=False,
+                name="skip_projection",
+                use_bias=False,
+                conv_implementation=self.conv_implementation,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
             )(skip)
         return nn.leaky_relu(residual + skip, negative_slope=0.01)
 
@@ -188,10 +209,13 @@ class Upsample(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param(
-            "kernel", he_normal, (*self.strides, x.shape[-1], self.features), self.param_dtype
-        )
+        kernel = self.param("kernel", he_normal, (*self.strides, x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-        y = upsample(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype), self.strides,
-                     resolve("upsample", self.implementation))
+        y = upsample(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            bias.astype(self.dtype),
+            self.strides,
+            resolve("upsample", self.implementation),
+        )
         return y

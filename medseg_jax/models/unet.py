@@ -6,7 +6,8 @@ the parameters (instance norm has no running statistics), no I/O.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -57,7 +58,7 @@ class UNet(nn.Module):
     ``upsample_implementation`` / ``conv_implementation`` choose the arithmetic of the upsampling and
     of every 3^d conv (:mod:`medseg_jax.kernels`; same parameters and results whichever is chosen);
     ``"auto"`` takes the backend's measured default (:func:`medseg_jax.kernels.select.resolve`), and
-    :func:`medseg_jax.kernels.select.autotune_model` times the candidates for a given input shape.
+    :func:`medseg_jax.bench.model_tuning.autotune_model` times the candidates for a given input shape.
     """
 
     num_classes: int
@@ -100,7 +101,8 @@ class UNet(nn.Module):
         spatial = tuple(shape[1:-1])
         if len(spatial) != self.spatial_dims:
             raise ValueError(
-                f"UNet(spatial_dims={self.spatial_dims}) expects input (N, *{self.spatial_dims} spatial, C), got {tuple(shape)}"
+                f"UNet(spatial_dims={self.spatial_dims}) expects input (N, *{self.spatial_dims} spatial, C), "
+                f"got {tuple(shape)}"
             )
         total = self.total_stride()
         if any(size % t for size, t in zip(spatial, total)):
@@ -110,8 +112,12 @@ class UNet(nn.Module):
     def __call__(self, x):
         self.check_input_shape(x.shape)
         features, kernels, strides = self.stage_features(), self.stage_kernels(), self.stage_strides()
-        common = dict(use_bias=self.conv_bias, conv_implementation=self.conv_implementation, dtype=self.dtype,
-                      param_dtype=self.param_dtype)
+        common = dict(
+            use_bias=self.conv_bias,
+            conv_implementation=self.conv_implementation,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
         x = x.astype(self.dtype)
 
         skips = []
@@ -128,8 +134,11 @@ class UNet(nn.Module):
             for s in range(self.n_stages):
                 for b in range(blocks[s]):
                     x = block_cls(
-                        features[s], kernels[s], strides[s] if b == 0 else (1,) * self.spatial_dims,
-                        name=f"encoder_{s}_block_{b}", **common,
+                        features[s],
+                        kernels[s],
+                        strides[s] if b == 0 else (1,) * self.spatial_dims,
+                        name=f"encoder_{s}_block_{b}",
+                        **common,
                     )(x)
                 skips.append(x)
         else:
@@ -140,17 +149,29 @@ class UNet(nn.Module):
         for d in range(self.n_stages - 1):
             target = self.n_stages - 2 - d  # the encoder stage whose resolution this decoder stage restores
             x = Upsample(
-                features[target], strides[target + 1], self.upsample_implementation,
-                dtype=self.dtype, param_dtype=self.param_dtype, name=f"upsample_{d}",
+                features[target],
+                strides[target + 1],
+                self.upsample_implementation,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=f"upsample_{d}",
             )(x)
             x = jnp.concatenate([x, skips[target].astype(x.dtype)], axis=-1)
             x = StackedConvs(
-                features[target], decoder_convs[d], kernels[target], (1,) * self.spatial_dims,
-                name=f"decoder_{d}", **common,
+                features[target],
+                decoder_convs[d],
+                kernels[target],
+                (1,) * self.spatial_dims,
+                name=f"decoder_{d}",
+                **common,
             )(x)
             head = nn.Conv(
-                self.num_classes, kernel_size=(1,) * self.spatial_dims, use_bias=True,
-                dtype=self.dtype, param_dtype=self.param_dtype, name=f"head_{d}",
+                self.num_classes,
+                kernel_size=(1,) * self.spatial_dims,
+                use_bias=True,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=f"head_{d}",
             )
             outputs.append(head(x).astype(jnp.float32))
         if self.deep_supervision:

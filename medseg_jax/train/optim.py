@@ -12,8 +12,11 @@ def make_lr_schedule(train_config) -> optax.Schedule:
     warmup = min(c.warmup_steps, max(c.steps - 1, 0))
     if c.optimizer == "adamw":
         return optax.warmup_cosine_decay_schedule(
-            init_value=0.0 if warmup else c.learning_rate, peak_value=c.learning_rate,
-            warmup_steps=warmup, decay_steps=max(c.steps, warmup + 1), end_value=0.0,
+            init_value=0.0 if warmup else c.learning_rate,
+            peak_value=c.learning_rate,
+            warmup_steps=warmup,
+            decay_steps=max(c.steps, warmup + 1),
+            end_value=0.0,
         )
     decay = optax.polynomial_schedule(
         init_value=c.learning_rate, end_value=0.0, power=c.poly_power, transition_steps=max(c.steps - warmup, 1)

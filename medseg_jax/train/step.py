@@ -7,22 +7,26 @@ without retracing. ``batch`` is ``{"image": (B, *spatial, C) float, "label": (B,
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from medseg_jax.losses import deep_supervision_loss, dice_ce_loss
-from medseg_jax.metrics.jax_overlap import overlap_counts
+from medseg_jax.metrics.jax_overlap import per_class_tp_fp_fn
 from medseg_jax.train.state import TrainState, step_key
 
 
 def loss_kwargs(loss_config) -> dict:
     c = loss_config
     return dict(
-        dice_weight=c.dice_weight, ce_weight=c.ce_weight, smooth=c.smooth,
-        include_background=c.include_background, batch_dice=c.batch_dice, ignore_index=c.ignore_index,
+        dice_weight=c.dice_weight,
+        ce_weight=c.ce_weight,
+        smooth=c.smooth,
+        include_background=c.include_background,
+        batch_dice=c.batch_dice,
+        ignore_index=c.ignore_index,
     )
 
 
@@ -36,9 +40,9 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     loss_config,
     *,
-    lr_schedule: Optional[optax.Schedule] = None,
-    ema_decay: Optional[float] = None,
-    augment_fn: Optional[Callable] = None,
+    lr_schedule: optax.Schedule | None = None,
+    ema_decay: float | None = None,
+    augment_fn: Callable | None = None,
 ):
     """The pure training step of ``model`` (deep supervision follows the model's own switch).
 
@@ -73,7 +77,8 @@ def make_train_step(
         def keep_if_finite(new, old):
             return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
 
-        new_state = state.replace(
+        # flax.struct.dataclass adds replace() at run time; its stubs do not declare it.
+        new_state = state.replace(  # type: ignore[attr-defined]
             step=state.step + 1,
             params=keep_if_finite(new_params, state.params),
             opt_state=keep_if_finite(new_opt_state, state.opt_state),
@@ -98,7 +103,7 @@ def make_eval_step(model, loss_config):
         logits = full_resolution.apply(params, batch["image"])
         label = batch["label"]
         valid = None if kwargs["ignore_index"] is None else label != kwargs["ignore_index"]
-        tp, fp, fn = overlap_counts(jnp.argmax(logits, axis=-1), label, logits.shape[-1], valid)
+        tp, fp, fn = per_class_tp_fp_fn(jnp.argmax(logits, axis=-1), label, logits.shape[-1], valid)
         return {"loss": dice_ce_loss(logits, label, **kwargs), "tp": tp, "fp": fp, "fn": fn}
 
     return eval_step

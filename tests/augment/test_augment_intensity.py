@@ -25,7 +25,9 @@ def test_blur_of_an_impulse_is_the_separable_gaussian_per_channel_and_axis(xp):
         expected[4:11, 5:12] = np.outer(gaussian_taps(sigmas[c, 0]), gaussian_taps(sigmas[c, 1]))
         np.testing.assert_allclose(out[..., c], expected, atol=1e-6)
     constant = np.full((6, 5, 1), 2.5, np.float32)
-    blurred = intensity.gaussian_blur(BACKENDS[xp], xp.asarray(constant), xp.asarray([[0.7, 1.0]], np.float32), radius=3)
+    blurred = intensity.gaussian_blur(
+        BACKENDS[xp], xp.asarray(constant), xp.asarray([[0.7, 1.0]], np.float32), radius=3
+    )
     np.testing.assert_allclose(np.asarray(blurred), 2.5, rtol=1e-6)  # reflected edges keep a constant
 
 
@@ -52,10 +54,17 @@ def test_low_resolution_matches_nearest_down_and_linear_up_by_hand(xp):
     np.testing.assert_allclose(np.asarray(same), image, atol=1e-6)
     # separable: an outer product stays the outer product of the 1D results
     a, b = rng.normal(size=12).astype(np.float32), rng.normal(size=10).astype(np.float32)
-    out2d = np.asarray(intensity.simulate_low_resolution(BACKENDS[xp], xp.asarray(np.outer(a, b)[..., None]),
-                                                         xp.asarray([0.6], np.float32)))[..., 0]
-    a1 = np.asarray(intensity.simulate_low_resolution(BACKENDS[xp], xp.asarray(a[:, None]), xp.asarray([0.6], np.float32)))[:, 0]
-    b1 = np.asarray(intensity.simulate_low_resolution(BACKENDS[xp], xp.asarray(b[:, None]), xp.asarray([0.6], np.float32)))[:, 0]
+    out2d = np.asarray(
+        intensity.simulate_low_resolution(
+            BACKENDS[xp], xp.asarray(np.outer(a, b)[..., None]), xp.asarray([0.6], np.float32)
+        )
+    )[..., 0]
+    a1 = np.asarray(
+        intensity.simulate_low_resolution(BACKENDS[xp], xp.asarray(a[:, None]), xp.asarray([0.6], np.float32))
+    )[:, 0]
+    b1 = np.asarray(
+        intensity.simulate_low_resolution(BACKENDS[xp], xp.asarray(b[:, None]), xp.asarray([0.6], np.float32))
+    )[:, 0]
     np.testing.assert_allclose(out2d, np.outer(a1, b1), atol=1e-5)
 
 

@@ -30,8 +30,11 @@ def config_with(**overrides):
 
 
 # Every transform on for every sample (mirroring per axis at 1/2), elastic included.
-ALL_ON = config_with(**{**{name: 1.0 for name in PROBABILITIES}, "mirror_probability": 0.5},
-                     elastic_control_spacing=4, elastic_magnitude=(1.0, 2.0))
+ALL_ON = config_with(
+    **{**{name: 1.0 for name in PROBABILITIES}, "mirror_probability": 0.5},
+    elastic_control_spacing=4,
+    elastic_magnitude=(1.0, 2.0),
+)
 PATCH_2D, PATCH_3D = (16, 16), (12, 12, 12)
 
 
@@ -104,8 +107,9 @@ def test_mirroring_with_the_same_key_twice_is_the_identity(patch):
 
 
 def test_intensity_transforms_leave_labels_untouched():
-    config = dataclasses.replace(ALL_ON, rotation_probability=0.0, scale_probability=0.0, elastic_probability=0.0,
-                                 mirror_probability=0.0)
+    config = dataclasses.replace(
+        ALL_ON, rotation_probability=0.0, scale_probability=0.0, elastic_probability=0.0, mirror_probability=0.0
+    )
     image, label = phantom(PATCH_2D, batch=3)
     out_image, out_label = jax.jit(make_augmentation(config))(jax.random.key(5), image, label)
     np.testing.assert_array_equal(np.asarray(out_label), label)
@@ -126,6 +130,7 @@ class Recording:
             value = getattr(self.draws, name)(*args, **kwargs)
             self.values.append(np.asarray(value))
             return value
+
         return draw
 
 
@@ -217,9 +222,15 @@ def test_in_plane_augmentation_never_mixes_slices(device):
     in-plane, every output slice must still hold only its own index (linear interpolation of a constant);
     the same transforms in 3D mix neighbouring slices."""
     patch = (24, 24, 6)
-    spatial_on = dict(rotation_probability=1.0, scale_probability=1.0, elastic_probability=1.0,
-                      elastic_control_spacing=8, elastic_magnitude=(1.0, 2.0), low_resolution_probability=1.0,
-                      low_resolution_channel_probability=1.0)
+    spatial_on = dict(
+        rotation_probability=1.0,
+        scale_probability=1.0,
+        elastic_probability=1.0,
+        elastic_control_spacing=8,
+        elastic_magnitude=(1.0, 2.0),
+        low_resolution_probability=1.0,
+        low_resolution_channel_probability=1.0,
+    )
     in_plane, full = config_with(**spatial_on), config_with(**spatial_on, in_plane_only=False)
     outputs = {}
     for name, config in (("in_plane", in_plane), ("full", full)):
@@ -275,5 +286,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 def test_sharded_batch_is_augmented_where_it_lives():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True, timeout=300, env=env
+    )
     assert result.returncode == 0 and "SHARDED_OK" in result.stdout, result.stderr[-3000:]

@@ -96,8 +96,14 @@ def test_crop_size_for_leaves_no_padding_at_the_extreme_rotations_and_scales(ndi
         assert out_image.min() > 1 - 1e-4, (angles, scale, out_image.min())
         assert out_label.min() == 1
     # Without the margin the same transform reads padding (zeros).
-    out_image, _ = transform(NUMPY, np.ones((*patch, 1), np.float32), np.ones(patch, np.int32), patch,
-                             [radians / 2] * len(rotation_planes(ndim)), 1.4)
+    out_image, _ = transform(
+        NUMPY,
+        np.ones((*patch, 1), np.float32),
+        np.ones(patch, np.int32),
+        patch,
+        [radians / 2] * len(rotation_planes(ndim)),
+        1.4,
+    )
     assert out_image.min() == 0
 
 

@@ -13,7 +13,8 @@ from medseg_jax.data.dataset import (
     make_splits,
     validate_dataset,
 )
-from medseg_jax.data.io import Volume, write_nifti
+from medseg_jax.data.image_io import write_nifti
+from medseg_jax.data.volume import Volume
 from medseg_jax.errors import DataError, DatasetValidationError
 
 SHAPE = (8, 8, 4)
@@ -120,8 +121,9 @@ def test_load_msd_single_modality(tmp_path):
 
 
 def test_msd_multi_modal_is_rejected_clearly(tmp_path):
-    root = _make_msd(tmp_path / "Task01", [_msd_entry(tmp_path / "Task01", "b", write=False)],
-                     modality={"0": "FLAIR", "1": "T1w"})
+    root = _make_msd(
+        tmp_path / "Task01", [_msd_entry(tmp_path / "Task01", "b", write=False)], modality={"0": "FLAIR", "1": "T1w"}
+    )
     with pytest.raises(DataError, match="2 modalities.*4D.*nnU-Net v2"):
         load_dataset(root)
 
@@ -131,8 +133,10 @@ def test_msd_4d_image_is_reported_by_validation(tmp_path):
     entry = _msd_entry(root, "b")
     nib.save(nib.Nifti1Image(np.zeros((*SHAPE, 2), np.int16), AFFINE), root / "imagesTr" / "b.nii.gz")
     problems = _problems(load_dataset(_make_msd(root, [entry])))
-    assert problems == ["case b: image channel 0 imagesTr/b.nii.gz has shape (8, 8, 4, 2); expected a 2D "
-                        "or 3D volume (one file per channel)"]
+    assert problems == [
+        "case b: image channel 0 imagesTr/b.nii.gz has shape (8, 8, 4, 2); expected a 2D "
+        "or 3D volume (one file per channel)"
+    ]
 
 
 def test_missing_or_malformed_dataset_json(tmp_path):
@@ -165,12 +169,29 @@ def test_region_based_labels_and_unsupported_file_ending(tmp_path):
     assert _has(info.value.problems, "file_ending '.png' is not supported")
 
 
+def test_regions_class_order_the_ignore_label_and_non_nifti_msd_labels_are_refused(tmp_path):
+    # nnU-Net features that would otherwise be trained and evaluated as ordinary classes
+    root = _make_nnunet(tmp_path / "ds", regions_class_order=[1, 2])
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["labels"]["ignore"] = 3
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetValidationError) as info:
+        load_dataset(root)
+    assert _has(info.value.problems, "dataset.json: field 'regions_class_order'", "not supported")
+    assert _has(info.value.problems, "dataset.json: field 'labels'", "'ignore' label", "not supported")
+    msd = _make_msd(tmp_path / "msd", [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.mha"}])
+    with pytest.raises(DatasetValidationError) as info:
+        load_dataset(msd)
+    assert _has(info.value.problems, "training[0]", "label './labelsTr/a.mha' is not a .nii.gz or .nii file")
+
+
 # --- validation -----------------------------------------------------------------------------------
 
 
 def test_validation_reports_every_problem_at_once(tmp_path):
-    root = _make_nnunet(tmp_path / "ds", case_ids=("a", "b", "c", "d", "e", "f"), channels=("CT", "PET"),
-                        num_training=7)
+    root = _make_nnunet(
+        tmp_path / "ds", case_ids=("a", "b", "c", "d", "e", "f"), channels=("CT", "PET"), num_training=7
+    )
     (root / "labelsTr" / "b.nii.gz").unlink()
     (root / "imagesTr" / "c_0001.nii.gz").unlink()
     _write(root / "imagesTr" / "d_0001.nii.gz", np.zeros((8, 8, 5), np.int16))
@@ -208,13 +229,15 @@ def test_non_integer_label_values_are_reported(tmp_path):
 def test_channel_count_and_missing_label_on_a_hand_built_dataset(tmp_path):
     dataset = load_dataset(_make_nnunet(tmp_path / "ds", case_ids=("a", "b"), channels=("CT", "PET")))
     a, b = dataset.cases
-    broken = dataclasses.replace(dataset, cases=[Case("a", a.image_paths[:1], a.label_path),
-                                                 Case("b", b.image_paths, None)])
+    broken = dataclasses.replace(
+        dataset, cases=[Case("a", a.image_paths[:1], a.label_path), Case("b", b.image_paths, None)]
+    )
     problems = _problems(broken)
-    assert problems == ["case a: 1 image file(s) but the dataset declares 2 channel(s) ['CT', 'PET']",
-                        "case b: no label file",
-                        "imagesTr/a_0001.nii.gz: belongs to no case (expected {case}_{XXXX}.nii.gz with XXXX "
-                        "below 2)"]
+    assert problems == [
+        "case a: 1 image file(s) but the dataset declares 2 channel(s) ['CT', 'PET']",
+        "case b: no label file",
+        "imagesTr/a_0001.nii.gz: belongs to no case (expected {case}_{XXXX}.nii.gz with XXXX below 2)",
+    ]
 
 
 # --- paths outside the folder and duplicates ------------------------------------------------------
@@ -226,8 +249,9 @@ def test_path_traversal_is_rejected(tmp_path):
     entry = {"image": "../outside.nii.gz", "label": "./labelsTr/x.nii.gz"}
     with pytest.raises(DatasetValidationError) as info:
         load_dataset(_make_msd(root, [_msd_entry(root, "ok"), entry]))
-    assert info.value.problems == [f"case outside: image channel 0 {root / '../outside.nii.gz'} lies outside "
-                                   "the dataset folder"]
+    assert info.value.problems == [
+        f"case outside: image channel 0 {root / '../outside.nii.gz'} lies outside the dataset folder"
+    ]
 
 
 def test_listed_absolute_path_outside_is_rejected(tmp_path):
@@ -288,7 +312,7 @@ def test_make_splits_matches_kfold_shuffle_order():
     np.random.RandomState(12345).shuffle(permutation)
     ids = [f"c{i}" for i in range(10)]
     assert [fold["val"] for fold in make_splits(ids)] == [
-        [ids[i] for i in permutation[start:start + 2]] for start in range(0, 10, 2)
+        [ids[i] for i in permutation[start : start + 2]] for start in range(0, 10, 2)
     ]
 
 
@@ -310,8 +334,7 @@ def test_splits_file_round_trip(tmp_path):
     custom = [{"train": ["a", "b", "c"], "val": ["d"]}]
     path.write_text(json.dumps(custom))
     assert load_or_create_splits(dataset) == custom
-    assert sorted(p.name for p in dataset.root.iterdir()) == ["dataset.json", "imagesTr", "labelsTr",
-                                                              "splits.json"]
+    assert sorted(p.name for p in dataset.root.iterdir()) == ["dataset.json", "imagesTr", "labelsTr", "splits.json"]
 
 
 def test_splits_file_naming_unknown_cases_is_rejected(tmp_path):

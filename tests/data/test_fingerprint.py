@@ -2,14 +2,19 @@
 
 import json
 
+import nibabel as nib
 import numpy as np
 import pytest
 
-from medseg_jax.data.fingerprint import (case_fingerprint, compute_fingerprint, intensity_statistics, load_plan,
-                                         make_plan, nonzero_bbox, save_json)
-from medseg_jax.data.io import Volume, read_image, to_ras
-from medseg_jax.data.plan import stage_topology, target_spacing
-from medseg_jax.errors import ConfigError, DataError
+from medseg_jax.atomic import write_json_atomic
+from medseg_jax.data.dataset import load_dataset, validate_dataset
+from medseg_jax.data.fingerprint import case_fingerprint, compute_fingerprint, intensity_statistics
+from medseg_jax.data.image_io import read_image
+from medseg_jax.data.plan import make_plan, plan_differences, read_plan, stage_topology, target_spacing, write_plan
+from medseg_jax.data.preprocess import nonzero_bbox
+from medseg_jax.data.synthetic import write_synthetic_dataset
+from medseg_jax.data.volume import Volume, to_ras
+from medseg_jax.errors import ConfigError, DataError, DatasetValidationError
 
 
 def _case(seed, shape=(20, 18, 10), spacing=(1.0, 1.0, 2.0)):
@@ -23,12 +28,23 @@ def _case(seed, shape=(20, 18, 10), spacing=(1.0, 1.0, 2.0)):
 
 
 def _fingerprint(spacings, shapes, channel_names=("CT",), stats=None):
-    stats = stats or {"mean": 50.0, "std": 20.0, "median": 48.0, "min": -100.0, "max": 300.0,
-                      "percentile_00_5": -80.0, "percentile_99_5": 250.0}
-    return {"dataset_name": "Dataset001_Test", "channel_names": list(channel_names),
-            "labels": {"background": 0, "liver": 1, "tumour": 2},
-            "spacings": [list(s) for s in spacings], "shapes_after_crop": [list(s) for s in shapes],
-            "foreground_intensity_properties_per_channel": {str(c): dict(stats) for c in range(len(channel_names))}}
+    stats = stats or {
+        "mean": 50.0,
+        "std": 20.0,
+        "median": 48.0,
+        "min": -100.0,
+        "max": 300.0,
+        "percentile_00_5": -80.0,
+        "percentile_99_5": 250.0,
+    }
+    return {
+        "dataset_name": "Dataset001_Test",
+        "channel_names": list(channel_names),
+        "labels": {"background": 0, "liver": 1, "tumour": 2},
+        "spacings": [list(s) for s in spacings],
+        "shapes_after_crop": [list(s) for s in shapes],
+        "foreground_intensity_properties_per_channel": {str(c): dict(stats) for c in range(len(channel_names))},
+    }
 
 
 def test_pooled_foreground_statistics_match_numpy():
@@ -166,8 +182,14 @@ def test_normalization_schemes_by_channel_name():
     fingerprint = _fingerprint([[1.0, 1.0, 1.0]] * 2, [[64, 64, 64]] * 2, channel_names=("ct", "T2"))
     plan = make_plan(fingerprint)
     ct, mr = plan["normalization"]
-    assert ct == {"channel": "ct", "scheme": "ct", "mean": 50.0, "std": 20.0,
-                  "percentile_00_5": -80.0, "percentile_99_5": 250.0}
+    assert ct == {
+        "channel": "ct",
+        "scheme": "ct",
+        "mean": 50.0,
+        "std": 20.0,
+        "percentile_00_5": -80.0,
+        "percentile_99_5": 250.0,
+    }
     assert mr == {"channel": "T2", "scheme": "zscore"}
     windowed = make_plan(fingerprint, hu_window=[-175, 250])
     assert windowed["normalization"][0] == {"channel": "ct", "scheme": "hu_window", "lower": -175.0, "upper": 250.0}
@@ -183,34 +205,105 @@ def test_normalization_schemes_by_channel_name():
 
 def test_plan_round_trip_and_missing_key(tmp_path):
     plan = make_plan(_fingerprint([[1.0, 1.0, 3.0]] * 2, [[64, 64, 20]] * 2))
-    path = save_json(plan, tmp_path / "plans.json")
-    assert load_plan(path) == json.loads(json.dumps(plan))
+    path = write_plan(plan, tmp_path / "plans.json")
+    assert read_plan(path) == json.loads(json.dumps(plan)) and not plan_differences(read_plan(path), plan)
     assert [p.name for p in tmp_path.iterdir()] == ["plans.json"]  # no temporary file left
     broken = {k: v for k, v in plan.items() if k != "patch_size"}
-    save_json(broken, tmp_path / "broken.json")
     with pytest.raises(DataError, match=r"broken\.json: plan is missing the key\(s\) 'patch_size'"):
-        load_plan(tmp_path / "broken.json")
+        write_plan(broken, tmp_path / "broken.json")  # an incomplete plan is never written
+    assert not (tmp_path / "broken.json").exists()
+    write_json_atomic(tmp_path / "broken.json", broken)
+    with pytest.raises(DataError, match=r"broken\.json: plan is missing the key\(s\) 'patch_size'"):
+        read_plan(tmp_path / "broken.json")
+    assert plan_differences(broken, plan) == ["patch_size"]
     plan["normalization"][0].pop("std")
-    save_json(plan, tmp_path / "no_std.json")
+    write_json_atomic(tmp_path / "no_std.json", plan)
     with pytest.raises(DataError, match=r"no_std\.json: 'normalization\[0\]' is missing the key 'std'"):
-        load_plan(tmp_path / "no_std.json")
+        read_plan(tmp_path / "no_std.json")
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(DataError, match=r"bad\.json: not valid JSON"):
-        load_plan(tmp_path / "bad.json")
+        read_plan(tmp_path / "bad.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match=r"list\.json: expected a JSON object, found array"):
+        read_plan(tmp_path / "list.json")
 
 
-def test_save_json_failure_leaves_nothing(tmp_path):
-    save_json({"a": 1}, tmp_path / "keep.json")
-    with pytest.raises(TypeError, match="object is not JSON serialisable"):
-        save_json({"a": object()}, tmp_path / "keep.json")
-    assert json.loads((tmp_path / "keep.json").read_text()) == {"a": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["keep.json"]
+def _small_dataset(root, cases=2):
+    return load_dataset(write_synthetic_dataset(root, num_cases=cases, seed=0, shape=(16, 16, 8)))
+
+
+def _rewrite(path, change_array=None, header=None):
+    """Rewrite a NIfTI file with its voxels changed by ``change_array`` or header fields set from ``header``."""
+    image = nib.load(str(path))
+    array = np.asarray(image.dataobj).astype(np.float32)
+    if change_array is not None:
+        change_array(array)
+    out = nib.Nifti1Image(array, None if header else image.affine)  # with an affine, nibabel rewrites the sform
+    for key, value in (header or {}).items():
+        out.header[key] = value
+    nib.save(out, str(path))
+
+
+def test_an_infinite_voxel_is_refused_naming_the_file_before_the_plan_is_made(tmp_path):
+    dataset = _small_dataset(tmp_path)
+    bad = dataset.cases[1].image_paths[0]
+    _rewrite(bad, lambda a: a.__setitem__((3, 4, 5), np.inf))
+    validate_dataset(dataset)  # headers and labels are fine
+    for workers in (1, 2):
+        with pytest.raises(
+            DataError,
+            match=rf"case {dataset.cases[1].case_id} .*{bad.name}: image has 1 NaN or "
+            r"infinite voxel\(s\) \(first at index \(3, 4, 5\)\)",
+        ):
+            compute_fingerprint(dataset, num_workers=workers, samples_per_case=100)
+
+
+def test_plan_command_refuses_an_infinite_voxel_with_one_error_line_and_writes_nothing(tmp_path, capsys):
+    from medseg_jax.cli import main
+
+    dataset = _small_dataset(tmp_path / "raw")
+    bad = dataset.cases[0].image_paths[0]
+    _rewrite(bad, lambda a: a.__setitem__((0, 0, 0), -np.inf))
+    assert main(["plan", str(dataset.root), "--out", str(tmp_path / "plans" / "plan.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: case ") and f"{bad}: image has 1 NaN or infinite voxel(s)" in err
+    assert not (tmp_path / "plans").exists()
+
+
+def test_a_degenerate_affine_is_reported_by_validation_and_fingerprinting_names_the_case(tmp_path):
+    dataset = _small_dataset(tmp_path)
+    case = dataset.cases[0]
+    bad = case.image_paths[0]
+    # an sform whose third voxel axis has zero length (qform unset): the file still loads
+    _rewrite(
+        bad,
+        header={
+            "qform_code": 0,
+            "sform_code": 1,
+            "srow_x": [1, 0, 0, 0],
+            "srow_y": [0, 1, 0, 0],
+            "srow_z": [0, 0, 0, 0],
+        },
+    )
+    with pytest.raises(
+        DatasetValidationError,
+        match=rf"case {case.case_id}: image channel 0 imagesTr/{bad.name}: the "
+        r"affine is degenerate: voxel axis 2 has zero length",
+    ):
+        validate_dataset(dataset)
+    with pytest.raises(DataError, match=rf"case {case.case_id} \(.*{bad.name}, label .*\): the affine is degenerate"):
+        compute_fingerprint(dataset, samples_per_case=100)
+
+
+def test_an_unreadable_file_names_the_case_and_the_file(tmp_path):
+    dataset = _small_dataset(tmp_path)
+    bad = dataset.cases[1].label_path
+    bad.write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(DataError, match=rf"case {dataset.cases[1].case_id} \(.*\): {bad}: not a readable NIfTI file"):
+        compute_fingerprint(dataset, samples_per_case=100)
 
 
 def test_compute_fingerprint_on_a_dataset_folder(tmp_path):
-    from medseg_jax.data.dataset import load_dataset
-    from medseg_jax.data.synthetic import write_synthetic_dataset
-
     dataset = load_dataset(write_synthetic_dataset(tmp_path, num_cases=3, seed=0, shape=(32, 32, 16)))
     fingerprint = compute_fingerprint(dataset, samples_per_case=500)
     assert fingerprint["dataset_name"] == dataset.name and fingerprint["num_cases"] == 3

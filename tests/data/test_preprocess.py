@@ -1,25 +1,37 @@
 """Preprocessing of cases (reorient, crop, resample, denoise, CLAHE, normalise) and its inverse."""
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
+from medseg_jax.data.image_io import read_image
 from medseg_jax.data.intensity import clahe, denoise, normalize_channel
-from medseg_jax.data.io import Volume, read_image
 from medseg_jax.data.plan import make_plan
 from medseg_jax.data.preprocess import preprocess_case, preprocess_dataset, restore_geometry
+from medseg_jax.data.volume import Volume
 from medseg_jax.errors import DataError
 
 
 def _plan(target_spacing, channel_names=("CT",), dim=3, **options):
-    stats = {"mean": 50.0, "std": 20.0, "median": 50.0, "min": -100.0, "max": 300.0,
-             "percentile_00_5": 0.0, "percentile_99_5": 100.0}
-    fingerprint = {"channel_names": list(channel_names), "labels": {"background": 0, "organ": 1, "lesion": 2},
-                   "spacings": [[3.0 if t is None else t for t in target_spacing]] * 2,
-                   "shapes_after_crop": [[32] * len(target_spacing)] * 2,
-                   "foreground_intensity_properties_per_channel": {str(c): stats for c in range(len(channel_names))}}
+    stats = {
+        "mean": 50.0,
+        "std": 20.0,
+        "median": 50.0,
+        "min": -100.0,
+        "max": 300.0,
+        "percentile_00_5": 0.0,
+        "percentile_99_5": 100.0,
+    }
+    fingerprint = {
+        "channel_names": list(channel_names),
+        "labels": {"background": 0, "organ": 1, "lesion": 2},
+        "spacings": [[3.0 if t is None else t for t in target_spacing]] * 2,
+        "shapes_after_crop": [[32] * len(target_spacing)] * 2,
+        "foreground_intensity_properties_per_channel": {str(c): stats for c in range(len(channel_names))},
+    }
     plan = make_plan(fingerprint, dim=dim, **options)
     plan["target_spacing"] = [None if t is None else float(t) for t in target_spacing]
     return plan
@@ -47,8 +59,9 @@ def test_preprocess_ct_and_zscore_channels():
     ct = rng.uniform(-200.0, 300.0, (12, 10, 8)).astype(np.float32)
     mr = rng.normal(500.0, 80.0, (12, 10, 8)).astype(np.float32)
     affine = np.diag([1.0, 1.0, 1.0, 1.0])
-    image, label, properties = preprocess_case([Volume(ct, affine), Volume(mr, affine)], None,
-                                               _plan([1.0, 1.0, 1.0], channel_names=("CT", "T2")))
+    image, label, properties = preprocess_case(
+        [Volume(ct, affine), Volume(mr, affine)], None, _plan([1.0, 1.0, 1.0], channel_names=("CT", "T2"))
+    )
     assert label is None and image.dtype == np.float32 and image.shape == (2, 12, 10, 8)
     assert image[0] == pytest.approx((np.clip(ct, 0.0, 100.0) - 50.0) / 20.0, abs=1e-5)
     assert image[1].mean() == pytest.approx(0.0, abs=1e-5) and image[1].std() == pytest.approx(1.0, abs=1e-4)
@@ -74,8 +87,12 @@ def test_resampling_spacing_2_to_1_doubles_shape():
     assert np.linalg.norm(new_affine[:3, :3], axis=0) == pytest.approx([1.0, 1.0, 1.0])
     assert new_affine @ [-0.5, -0.5, -0.5, 1] == pytest.approx(affine @ [-0.5, -0.5, -0.5, 1])
     # A linear ramp is reproduced by the spline away from the clamped border (z-scored, so compare shapes).
-    fine = 1.0 + (np.arange(20)[:, None, None] - 0.5) / 2 + 2.0 * (np.arange(24)[None, :, None] - 0.5) / 2 \
+    fine = (
+        1.0
+        + (np.arange(20)[:, None, None] - 0.5) / 2
+        + 2.0 * (np.arange(24)[None, :, None] - 0.5) / 2
         + 3.0 * (np.arange(16)[None, None, :] - 0.5) / 2
+    )
     inner = (slice(2, -2),) * 3
     assert np.corrcoef(image[0][inner].ravel(), fine[inner].ravel())[0, 1] > 0.9999
 
@@ -191,8 +208,9 @@ def test_clahe_one_unclipped_tile_is_histogram_equalisation():
 def test_preprocess_applies_denoise_and_clahe_before_normalisation():
     image, label = _blob_case(np.diag([1.0, 1.0, 1.0, 1.0]), (24, 24, 12), seed=3)
     plain = _plan([1.0, 1.0, 1.0], hu_window=[-50, 150])
-    enhanced = _plan([1.0, 1.0, 1.0], hu_window=[-50, 150], denoise={"method": "gaussian", "sigma": 1.0},
-                     clahe={"clip_limit": 0.02})
+    enhanced = _plan(
+        [1.0, 1.0, 1.0], hu_window=[-50, 150], denoise={"method": "gaussian", "sigma": 1.0}, clahe={"clip_limit": 0.02}
+    )
     a, _, _ = preprocess_case([image], label, plain)
     b, _, _ = preprocess_case([image], label, enhanced)
     # Both end in the window's [0, 1]: the enhancements ran on HU, before the window mapping.
@@ -221,11 +239,10 @@ def test_bad_inputs_raise_clear_errors():
 
 def _synthetic(tmp_path, num_cases=3):
     from medseg_jax.data.dataset import load_dataset
-    from medseg_jax.data.fingerprint import compute_fingerprint
     from medseg_jax.data.synthetic import write_synthetic_dataset
 
     dataset = load_dataset(write_synthetic_dataset(tmp_path / "raw", num_cases=num_cases, seed=1, shape=(32, 32, 16)))
-    return dataset, make_plan(compute_fingerprint(dataset, samples_per_case=500))
+    return dataset, make_plan(_fingerprint_of(dataset))
 
 
 def test_preprocess_dataset_writes_and_resumes(tmp_path):
@@ -255,12 +272,40 @@ def test_preprocess_dataset_in_workers_stops_at_a_broken_case(tmp_path):
 
     dataset, plan = _synthetic(tmp_path)
     broken = dataset.cases[2]
+    original = broken.image_paths[0].read_bytes()
     broken.image_paths[0].write_bytes(b"not a nifti file")
     store = CaseStore(tmp_path / "store")
-    with pytest.raises(DataError, match=f"case {broken.case_id}: .*not a readable NIfTI file"):
+    with pytest.raises(
+        DataError,
+        match=rf"case {broken.case_id} \(.*{broken.image_paths[0].name}.*\): "
+        ".*not a readable NIfTI file",
+    ):
         preprocess_dataset(dataset, plan, store, num_workers=2, progress=False)
     assert not store.has_case(broken.case_id)
-    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [c.case_id for c in dataset.cases[:2]]
+    # the plan was recorded before the first case, so the interrupted store knows what it holds
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == sorted(
+        [c.case_id for c in dataset.cases[:2]] + ["plan.json"]
+    )
+    assert store.read_plan() == json.loads(json.dumps(plan))
+
+    # resuming with another plan is refused before anything is written; with the same plan it completes
+    broken.image_paths[0].write_bytes(original)
+    other = make_plan(_fingerprint_of(dataset), hu_window=(-100.0, 200.0))
+    with pytest.raises(
+        DataError,
+        match=r"store/plan\.json: the store was preprocessed with another plan "
+        r"\(differing in normalization, preprocessing\)",
+    ):
+        preprocess_dataset(dataset, other, store, progress=False)
+    assert not store.has_case(broken.case_id)
+    summary = preprocess_dataset(dataset, plan, store, progress=False)
+    assert summary["written"] == 1 and summary["skipped"] == 2 and store.has_case(broken.case_id)
+
+
+def _fingerprint_of(dataset):
+    from medseg_jax.data.fingerprint import compute_fingerprint
+
+    return compute_fingerprint(dataset, samples_per_case=500)
 
 
 REAL_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real"
@@ -292,6 +337,8 @@ def test_real_ct_dicom_with_hu_window():
     pre_image, _, properties = preprocess_case([image], None, plan)
     assert pre_image.min() >= 0.0 and pre_image.max() <= 1.0
     assert 0.05 < (pre_image == 0.0).mean() < 0.95  # air clipped to 0, body inside the window
-    expected = [round(n * s / t) for n, s, t in zip(properties["shape_after_crop"], properties["spacing_original"],
-                                                   [3.0, 3.0, 2.0])]
+    expected = [
+        round(n * s / t)
+        for n, s, t in zip(properties["shape_after_crop"], properties["spacing_original"], [3.0, 3.0, 2.0])
+    ]
     assert properties["shape_after_resample"] == expected

@@ -1,3 +1,4 @@
+import json
 import pickle
 
 import numpy as np
@@ -177,7 +178,7 @@ def test_missing_case_and_bad_store_errors_name_them(tmp_path):
         CaseStore(a_file)
     with pytest.raises(DataError, match="holds no cases"):
         (tmp_path / "empty").mkdir()
-        CaseStore(tmp_path / "empty").num_channels
+        _ = CaseStore(tmp_path / "empty").num_channels
 
 
 def test_store_pickles_to_its_path(tmp_path):
@@ -188,3 +189,45 @@ def test_store_pickles_to_its_path(tmp_path):
     clone = pickle.loads(pickle.dumps(store))
     assert clone._arrays == {} and clone.chunk_shape == (4, 4, 4)
     np.testing.assert_array_equal(clone.read_patch("p", (1, 1, 1), (3, 3, 3))[1], label[1:4, 1:4, 1:4])
+
+
+def _plan():
+    from medseg_jax.data.plan import make_plan
+    from tests.data.test_fingerprint import _fingerprint
+
+    return make_plan(_fingerprint([[1.0, 1.0, 2.0]] * 2, [[40, 40, 20]] * 2))
+
+
+def test_the_store_records_its_plan_once_and_refuses_another(tmp_path):
+    store = CaseStore(tmp_path / "store")
+    with pytest.raises(DataError, match=r"store/plan\.json: the store has no plan; preprocess with"):
+        store.read_plan()
+    plan = _plan()
+    store.write_plan(plan)
+    assert store.read_plan() == json.loads(json.dumps(plan))
+    store.write_plan(json.loads(json.dumps(plan)))  # the same plan again (lists for tuples): nothing to do
+    image, label = make_case(channels=1)
+    store.write_case("a", image, label, {})
+    assert store.case_ids() == ["a"]  # plan.json is no case
+    other = plan | {"patch_size": [16, 16, 16], "batch_size": 3}
+    with pytest.raises(DataError, match=r"preprocessed with another plan \(differing in batch_size, patch_size\)"):
+        store.write_plan(other)
+    assert store.read_plan() == json.loads(json.dumps(plan))
+
+
+def test_cases_without_a_recorded_plan_are_not_continued_with_one(tmp_path):
+    store = CaseStore(tmp_path / "store")
+    image, label = make_case(channels=1)
+    store.write_case("a", image, label, {})
+    with pytest.raises(
+        DataError,
+        match=r"holds 1 case\(s\) but no plan\.json, so the plan they were preprocessed with "
+        "is unknown",
+    ):
+        store.write_plan(_plan())
+    assert not (tmp_path / "store" / "plan.json").exists()
+    broken = _plan()
+    broken.pop("patch_size")
+    with pytest.raises(DataError, match="missing the key"):
+        CaseStore(tmp_path / "new").write_plan(broken)
+    assert not (tmp_path / "new" / "plan.json").exists()

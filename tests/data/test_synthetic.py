@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from medseg_jax.data.dataset import load_dataset, validate_dataset
-from medseg_jax.data.io import read_nifti
+from medseg_jax.data.image_io import read_nifti
 from medseg_jax.data.synthetic import (
     DEFAULT_DATASET_NAME,
     make_ct_phantom,

@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 
 from medseg_jax.config import InferenceConfig
+from medseg_jax.data.case_files import find_image_cases
 from medseg_jax.data.dataset import load_dataset
 from medseg_jax.data.fingerprint import compute_fingerprint
-from medseg_jax.data.io import Volume, read_image, write_nifti
+from medseg_jax.data.image_io import read_image, write_nifti
 from medseg_jax.data.plan import make_plan
 from medseg_jax.data.synthetic import write_synthetic_dataset
+from medseg_jax.data.volume import Volume
 from medseg_jax.errors import DataError
-from medseg_jax.inference.predict import Predictor, find_cases, predict_folder, predict_input, predict_path
+from medseg_jax.inference.predict import Predictor, predict_folder, predict_input, predict_path
 from medseg_jax.models.unet import UNet
 
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real"
@@ -27,12 +29,21 @@ NO_TTA = InferenceConfig(batch_size=4, mirror_axes=())
 
 def tiny_plan(channel="MR", spacing=(2.0, 2.0, 2.0), dim=3, hu_window=None, patch=(16, 16, 8)):
     """A plan from a hand-made fingerprint, with a 2-stage topology for the tiny test networks."""
-    fingerprint = {"channel_names": [channel], "labels": LABELS, "spacings": [list(spacing)] * 2,
-                   "shapes_after_crop": [[32, 32, 16]] * 2,
-                   "foreground_intensity_properties_per_channel": {"0": None}}
+    fingerprint = {
+        "channel_names": [channel],
+        "labels": LABELS,
+        "spacings": [list(spacing)] * 2,
+        "shapes_after_crop": [[32, 32, 16]] * 2,
+        "foreground_intensity_properties_per_channel": {"0": None},
+    }
     plan = make_plan(fingerprint, dim=dim, hu_window=hu_window)
-    plan.update(patch_size=list(patch[:dim]), n_stages=2, strides=[[1] * dim, [2] * dim],
-                kernel_sizes=[[3] * dim] * 2, features_per_stage=[4, 8])
+    plan.update(
+        patch_size=list(patch[:dim]),
+        n_stages=2,
+        strides=[[1] * dim, [2] * dim],
+        kernel_sizes=[[3] * dim] * 2,
+        features_per_stage=[4, 8],
+    )
     return plan
 
 
@@ -114,12 +125,14 @@ def test_2d_and_3d_plans_reproduce_a_per_voxel_network():
 def test_2d_plan_predicts_a_folder_of_synthetic_cases_on_their_grids(tmp_path):
     dataset = write_synthetic_dataset(tmp_path, 2, shape=(40, 40, 8))
     plan = make_plan(compute_fingerprint(load_dataset(dataset)), dim=2)
-    plan.update(patch_size=[16, 16], n_stages=2, strides=[[1, 1], [2, 2]], kernel_sizes=[[3, 3]] * 2,
-                features_per_stage=[4, 8])
+    plan.update(
+        patch_size=[16, 16], n_stages=2, strides=[[1, 1], [2, 2]], kernel_sizes=[[3, 3]] * 2, features_per_stage=[4, 8]
+    )
     model = UNet(num_classes=3, spatial_dims=2, n_stages=2, features=(4, 8))
     params = untrained_params(model, (1, 16, 16, 1), seed=1)
-    summaries = predict_input(dataset / "imagesTr", tmp_path / "pred", model, params, plan,
-                              InferenceConfig(batch_size=8), progress=False)
+    summaries = predict_input(
+        dataset / "imagesTr", tmp_path / "pred", model, params, plan, InferenceConfig(batch_size=8), progress=False
+    )
     assert [s["case"] for s in summaries] == ["synth_000", "synth_001"]
     for case in ("synth_000", "synth_001"):
         image = read_image(dataset / "imagesTr" / f"{case}_0000.nii.gz")  # random axial orientations
@@ -128,9 +141,9 @@ def test_2d_plan_predicts_a_folder_of_synthetic_cases_on_their_grids(tmp_path):
 
 def test_largest_component_and_volumes_hand_checked(tmp_path):
     array = np.zeros((16, 14, 12), np.float32)
-    array[2:6, 2:6, 2:6] = 10.0      # 64 voxels
+    array[2:6, 2:6, 2:6] = 10.0  # 64 voxels
     array[10:12, 9:11, 8:10] = 10.0  # 8 voxels, not touching the first block
-    array[1:15, 1:13, 1] = 0.1       # a dim sheet below the z-score mean: background inside the crop box
+    array[1:15, 1:13, 1] = 0.1  # a dim sheet below the z-score mean: background inside the crop box
     affine = np.diag([2.0, 2.0, 2.0, 1.0])  # 8 mm^3 = 0.008 mL per voxel
     model, params = threshold_model(3)
     plan = tiny_plan("MR", (2.0, 2.0, 2.0))
@@ -162,10 +175,11 @@ def test_folder_with_wrong_channels_fails_before_writing_anything(tmp_path):
     (inputs / "b_0001.nii.gz").unlink()
     _write_case(inputs, "c.nii.gz")
     with pytest.raises(DataError, match=r"c\.nii\.gz: expected nnU-Net naming"):
-        find_cases(inputs, 1)
+        find_image_cases(inputs, 1)
     with pytest.raises(DataError, match="channel volume"):
-        predict_path([inputs / "a_0000.nii.gz", inputs / "b_0000.nii.gz"], tmp_path / "out", model, params, plan,
-                     NO_TTA)
+        predict_path(
+            [inputs / "a_0000.nii.gz", inputs / "b_0000.nii.gz"], tmp_path / "out", model, params, plan, NO_TTA
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -190,3 +204,69 @@ def test_corrupted_files_raise_data_errors_and_leave_no_partial_output(tmp_path)
     assert label.shape == (12, 10, 8) and saved["probabilities"].shape == (3, 12, 10, 8)
     np.testing.assert_array_equal(np.argmax(saved["probabilities"], axis=0), np.asarray(label.dataobj))
     np.testing.assert_allclose(saved["affine"], label.affine, atol=1e-5)
+
+
+def test_an_output_that_would_replace_an_input_scan_is_refused_before_any_work(tmp_path):
+    model, params = threshold_model(3)
+    plan = tiny_plan("MR")
+    inputs = tmp_path / "in"
+    scan = _write_case(inputs, "scan.nii.gz")
+    original = scan.read_bytes()
+    (tmp_path / "link").symlink_to(inputs, target_is_directory=True)
+    for output in (
+        scan,
+        inputs / ".." / "in" / "scan.nii.gz",
+        tmp_path / "link" / "scan.nii.gz",
+        inputs,
+        tmp_path / "link",
+    ):  # the file, spelled three ways; its folder (the mask's name is scan)
+        with pytest.raises(DataError, match=r"would replace the input scan .*scan\.nii\.gz"):
+            predict_input(scan, output, model, params, plan, NO_TTA, progress=False)
+    # a symbolic link as the input: its target is protected as well
+    linked = tmp_path / "linked.nii.gz"
+    linked.symlink_to(scan)
+    with pytest.raises(DataError, match="would replace the input scan"):
+        predict_path(linked, scan, model, params, plan, NO_TTA)
+    # a folder predicted into itself: case "x_0000" (file x_0000_0000) would write x_0000.nii.gz, case x's scan
+    folder = tmp_path / "cases"
+    _write_case(folder, "x_0000.nii.gz")
+    _write_case(folder, "x_0000_0000.nii.gz", seed=1)
+    before = sorted((p.name, p.read_bytes()) for p in folder.iterdir())
+    with pytest.raises(DataError, match=r"x_0000\.nii\.gz: writing the prediction there would replace"):
+        predict_input(folder, folder, model, params, plan, NO_TTA, progress=False)
+    assert sorted((p.name, p.read_bytes()) for p in folder.iterdir()) == before
+    assert scan.read_bytes() == original and sorted(p.name for p in inputs.iterdir()) == ["scan.nii.gz"]
+    # into another folder both cases are predicted
+    summaries = predict_input(folder, tmp_path / "out", model, params, plan, NO_TTA, progress=False)
+    assert [s["case"] for s in summaries] == ["x", "x_0000"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.nii.gz", "x_0000.nii.gz"]
+
+
+def test_probabilities_for_a_mask_file_without_a_name_are_refused_and_nothing_is_written(tmp_path):
+    model, params = threshold_model(3)
+    scan = _write_case(tmp_path / "in", "scan.nii.gz")
+    output = tmp_path / "out" / ".nii.gz"
+    with pytest.raises(DataError, match=r"out/\.nii\.gz: the mask file needs a name before"):
+        predict_path(scan, output, model, params, tiny_plan("MR"), NO_TTA, save_probabilities=True)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_folder_of_scans_needs_an_output_folder(tmp_path):
+    model, params = threshold_model(3)
+    _write_case(tmp_path / "in", "a_0000.nii.gz")
+    with pytest.raises(DataError, match=r"mask\.nii\.gz: names one NIfTI file, but .*in is a folder"):
+        predict_input(tmp_path / "in", tmp_path / "mask.nii.gz", model, params, tiny_plan("MR"), NO_TTA)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_a_scan_with_nan_voxels_is_refused_naming_the_file_and_the_count(tmp_path):
+    model, params = threshold_model(3)
+    plan = tiny_plan("MR")
+    data = np.random.default_rng(0).normal(100.0, 20.0, (12, 10, 8)).astype(np.float32)
+    data[1, 2, 3] = data[4, 5, 6] = data[7, 8, 1] = np.nan
+    scan = write_nifti(Volume(data, np.diag([2.0, 2.0, 2.0, 1.0])), tmp_path / "in" / "nan_0000.nii.gz")
+    with pytest.raises(DataError, match=r"case nan .*nan_0000\.nii\.gz: scan has 3 NaN or infinite voxel"):
+        predict_input(scan.parent, tmp_path / "out", model, params, plan, NO_TTA, progress=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(DataError, match="3 NaN or infinite"):  # the in-memory API refuses them too
+        Predictor(model, params, plan, NO_TTA).predict_volume([Volume(data, np.eye(4))])

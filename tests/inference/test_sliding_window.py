@@ -31,8 +31,11 @@ def blur(x):
         pad[axis] = (1, 1)
         p = jnp.pad(x, pad)
         n = x.shape[axis]
-        x = (jax.lax.slice_in_dim(p, 0, n, axis=axis) + 2 * jax.lax.slice_in_dim(p, 1, n + 1, axis=axis)
-             + jax.lax.slice_in_dim(p, 2, n + 2, axis=axis))
+        x = (
+            jax.lax.slice_in_dim(p, 0, n, axis=axis)
+            + 2 * jax.lax.slice_in_dim(p, 1, n + 1, axis=axis)
+            + jax.lax.slice_in_dim(p, 2, n + 2, axis=axis)
+        )
     return x
 
 
@@ -96,12 +99,25 @@ def test_per_voxel_predictor_is_reproduced_for_random_shapes_steps_and_patches()
         image = rng.normal(size=shape + (2,)).astype(np.float32)
         blend = "gaussian" if case % 3 else "constant"
         accumulate = "host" if case % 4 == 3 else "device"
-        got = sliding_window(per_voxel, image, patch, step=step, blend=blend, batch_size=int(rng.integers(1, 4)),
-                             mirror_axes=(), accumulate=accumulate)
+        got = sliding_window(
+            per_voxel,
+            image,
+            patch,
+            step=step,
+            blend=blend,
+            batch_size=int(rng.integers(1, 4)),
+            mirror_axes=(),
+            accumulate=accumulate,
+        )
         expected = np.asarray(per_voxel(jnp.asarray(image)))
         assert got.shape == shape + (3,), (case, got.shape)
-        np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5,
-                                   err_msg=f"case {case}: shape {shape}, patch {patch}, step {step}, {blend}")
+        np.testing.assert_allclose(
+            np.asarray(got),
+            expected,
+            rtol=1e-5,
+            atol=1e-5,
+            err_msg=f"case {case}: shape {shape}, patch {patch}, step {step}, {blend}",
+        )
 
 
 def test_blending_weights_windows_by_the_gaussian_map():
@@ -118,8 +134,8 @@ def test_blending_weights_windows_by_the_gaussian_map():
         num = np.zeros((6, 4))
         den = np.zeros((6, 4))
         for start, m in zip((0, 2), means):
-            num[start:start + 4] += g * m
-            den[start:start + 4] += g
+            num[start : start + 4] += g * m
+            den[start : start + 4] += g
         got = sliding_window(window_mean, image, (4, 4), blend=blend, batch_size=1, mirror_axes=())
         np.testing.assert_allclose(np.asarray(got)[..., 0], num / den, rtol=1e-5)
     assert not np.allclose(num / den, np.where(np.arange(6)[:, None] < 3, means[0], means[1]))
@@ -160,8 +176,9 @@ def test_mirror_symmetric_predictor_is_unchanged_by_mirroring():
     np.testing.assert_allclose(mirrored, plain, rtol=1e-5, atol=1e-5)
     # the same check with a predictor that is not symmetric does see the flips
     skewed = np.asarray(sliding_window(cumulative, image, (8, 8, 8), mirror_axes=()))
-    assert not np.allclose(np.asarray(sliding_window(cumulative, image, (8, 8, 8), mirror_axes=None)), skewed,
-                           atol=1e-3)
+    assert not np.allclose(
+        np.asarray(sliding_window(cumulative, image, (8, 8, 8), mirror_axes=None)), skewed, atol=1e-3
+    )
 
 
 def test_mirroring_averages_the_flipped_back_predictions():
@@ -171,14 +188,17 @@ def test_mirroring_averages_the_flipped_back_predictions():
     for axes in [(0, 1, 2), (1,), (0, 2)]:
         subsets = [s for r in range(len(axes) + 1) for s in itertools.combinations(axes, r)]
         assert len(subsets) == 2 ** len(axes)
-        expected = np.mean([np.flip(np.asarray(cumulative(jnp.flip(x, [a + 1 for a in s]))), [a + 1 for a in s])
-                            for s in subsets], axis=0)[0]
+        expected = np.mean(
+            [np.flip(np.asarray(cumulative(jnp.flip(x, [a + 1 for a in s]))), [a + 1 for a in s]) for s in subsets],
+            axis=0,
+        )[0]
         got = np.asarray(sliding_window(cumulative, image, (6, 5, 4), mirror_axes=axes))
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=str(axes))
     # for a per-voxel predictor the average over flips is the plain prediction
     per_voxel_tta = np.asarray(sliding_window(per_voxel, np.concatenate([image, image], -1), (4, 4, 4)))
-    np.testing.assert_allclose(per_voxel_tta, np.asarray(per_voxel(jnp.concatenate([x, x], -1)))[0], rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        per_voxel_tta, np.asarray(per_voxel(jnp.concatenate([x, x], -1)))[0], rtol=1e-5, atol=1e-5
+    )
 
 
 # --- compilation, arguments, sharding --------------------------------------------------------------------
@@ -194,16 +214,25 @@ def test_same_shapes_compile_once_and_host_mode_reuses_its_program_across_shapes
     image = np.ones((16, 12, 1), np.float32)
     for accumulate in ("device", "host"):
         traces.clear()
-        first = sliding_window(counted, image, (8, 8), params=jnp.float32(2.0), accumulate=accumulate,
-                               num_classes=1, mirror_axes=())
+        first = sliding_window(
+            counted, image, (8, 8), params=jnp.float32(2.0), accumulate=accumulate, num_classes=1, mirror_axes=()
+        )
         count = len(traces)
         assert count >= 1
-        second = sliding_window(counted, image, (8, 8), params=jnp.float32(3.0), accumulate=accumulate,
-                                num_classes=1, mirror_axes=())
+        second = sliding_window(
+            counted, image, (8, 8), params=jnp.float32(3.0), accumulate=accumulate, num_classes=1, mirror_axes=()
+        )
         assert len(traces) == count, accumulate
         np.testing.assert_allclose(np.asarray(second), 1.5 * np.asarray(first), rtol=1e-6)
-        sliding_window(counted, np.ones((20, 12, 1), np.float32), (8, 8), params=jnp.float32(1.0),
-                       accumulate=accumulate, num_classes=1, mirror_axes=())
+        sliding_window(
+            counted,
+            np.ones((20, 12, 1), np.float32),
+            (8, 8),
+            params=jnp.float32(1.0),
+            accumulate=accumulate,
+            num_classes=1,
+            mirror_axes=(),
+        )
         # a new image shape is a new whole-image program, but the same window batch program in host mode
         assert (len(traces) > count) == (accumulate == "device")
 
@@ -253,7 +282,14 @@ SHARDED_SCRIPT = textwrap.dedent("""
 def test_windows_sharded_over_eight_devices_match_one_device():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     root = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True, timeout=300,
-                            env=env, cwd=root, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=root,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sharded ok" in result.stdout

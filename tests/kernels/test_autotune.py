@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from medseg_jax.kernels import autotune
-from medseg_jax.kernels.autotune import OpCase, autotune_case, autotune_model, layer_cases, load_cache
-from medseg_jax.kernels.select import BACKEND_DEFAULTS, default_implementation, resolve
+from medseg_jax.kernels.autotune import OpCase, autotune_case, default_candidates, load_cache
+from medseg_jax.kernels.select import BACKEND_DEFAULTS, default_implementation, pallas_interpreted, resolve
+from medseg_jax.kernels.timing import time_round_robin
+from medseg_jax.kernels.upsample import UPSAMPLE_IMPLEMENTATIONS
 from medseg_jax.models import UNet
 
 CASE = OpCase("conv", (1, 4, 6, 6, 2), (3, 3, 3, 2, 3), (1, 1, 1))
@@ -33,18 +35,6 @@ def test_unet_gives_the_same_logits_whatever_the_implementations():
     auto = UNet(**kwargs).apply(params, x)
     plain = UNet(**kwargs, conv_implementation="xla", upsample_implementation="conv_transpose").apply(params, x)
     np.testing.assert_allclose(np.asarray(auto), np.asarray(plain), rtol=1e-4, atol=1e-4)
-
-
-def test_layer_cases_lists_every_conv_and_upsampling():
-    model = UNet(num_classes=2, spatial_dims=3, n_stages=3, features=(4, 8, 8), strides=(1, (1, 2, 2), 2))
-    cases = layer_cases(model, (1, 4, 8, 8, 1))
-    convs = [c for c in cases if c.operation == "conv"]
-    ups = [c for c in cases if c.operation == "upsample"]
-    assert len(convs) == 3 * 2 + 2 * 2 and len(ups) == 2
-    assert convs[0] == OpCase("conv", (1, 4, 8, 8, 1), (3, 3, 3, 1, 4), (1, 1, 1))
-    assert convs[2] == OpCase("conv", (1, 4, 8, 8, 4), (3, 3, 3, 4, 8), (1, 2, 2))  # stage 1's entry conv
-    # the last upsampling undoes stage 1's (1, 2, 2) stride: (1, 4, 4, 4, 8) -> 4 features
-    assert ups[-1] == OpCase("upsample", (1, 4, 4, 4, 8), (1, 2, 2, 8, 4), (1, 2, 2))
 
 
 def test_autotune_times_caches_and_reuses(tmp_path):
@@ -78,19 +68,18 @@ def test_cache_location_and_unreadable_cache(tmp_path, monkeypatch):
     assert load_cache(tmp_path / "missing.json") == {}
 
 
-def test_autotune_model_picks_from_cached_timings(tmp_path):
-    model = UNet(num_classes=2, spatial_dims=3, n_stages=2, features=(2, 4), upsample_implementation="matmul")
-    shape = (1, 4, 4, 4, 1)
-    cache = tmp_path / "autotune.json"
-    device = autotune.device_id()
-    # Seed the cache: depth_stack fastest for every conv layer, so no timing is needed.
-    entries = {c.key(device): {"seconds": {"xla": 3.0, "depth_sum": 2.0, "depth_stack": 1.0}}
-               for c in layer_cases(model, shape)}
-    autotune.save_cache(cache, entries)
-    tuned, report = autotune_model(model, shape, cache=cache,
-                                   candidates={"conv": ["xla", "depth_sum", "depth_stack"]})
-    assert tuned.conv_implementation == "depth_stack"
-    assert tuned.upsample_implementation == "matmul"  # explicit choices are kept, not tuned
-    assert "upsample" not in report
-    assert report["conv"]["cases"] == 2 * 2 + 2  # two encoder stages + one decoder stage, two convs each
-    assert report["conv"]["total_seconds"]["depth_stack"] == pytest.approx(report["conv"]["cases"] * 1.0)
+def test_pallas_is_never_a_default_candidate_where_it_runs_interpreted():
+    assert pallas_interpreted("cpu") and not pallas_interpreted("cuda") and not pallas_interpreted("tpu")
+    names = default_candidates("upsample")
+    assert {"matmul", "conv_transpose"} <= set(names)
+    if "pallas" in UPSAMPLE_IMPLEMENTATIONS:
+        assert ("pallas" in names) == (not pallas_interpreted())
+
+
+def test_round_robin_timer_interleaves_members_and_warms_up():
+    calls = []
+    samples = time_round_robin({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, runs=3, warmup=2)
+    assert calls == ["a", "b"] * 5  # two untimed rounds, then three timed ones, one call of each per round
+    assert {name: len(times) for name, times in samples.items()} == {"a": 3, "b": 3}
+    assert all(t >= 0 for times in samples.values() for t in times)
+    assert len(time_round_robin({"a": lambda: None}, runs=0, warmup=0)["a"]) == 1  # at least one run

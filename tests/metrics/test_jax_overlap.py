@@ -6,11 +6,8 @@ import numpy as np
 import pytest
 
 from medseg_jax.metrics import dice_iou_per_class
-from medseg_jax.metrics.jax_overlap import (
-    dice_iou,
-    dice_iou_from_counts,
-    dice_iou_from_logits,
-)
+from medseg_jax.metrics.jax_overlap import dice_iou, dice_iou_from_logits, per_class_tp_fp_fn
+from medseg_jax.metrics.overlap import dice_iou_from_counts
 
 NUM_CLASSES = 4
 
@@ -39,9 +36,25 @@ def test_both_empty_is_nan_and_valid_mask_excludes_voxels():
     valid = jnp.ones((8, 8), bool).at[0, 0].set(False)
     out = jax.jit(lambda p, r, v: dice_iou(p, r, 3, valid=v))(labels, labels, valid)
     assert out["dice"][0] == 1.0 and np.isnan(out["dice"][1]) and np.isnan(out["iou"][2])
-    dice, iou = dice_iou_from_counts(jnp.array([0, 3]), jnp.array([2, 1]), jnp.array([0, 0]))
-    np.testing.assert_allclose(dice, [0.0, 6 / 7])
-    np.testing.assert_allclose(iou, [0.0, 3 / 4])
+    counts = ([0, 3, 0], [2, 1, 0], [0, 0, 0])
+    dice, iou = jax.jit(lambda *c: dice_iou_from_counts(*c, xp=jnp))(*(jnp.array(c) for c in counts))
+    np.testing.assert_allclose(dice, [0.0, 6 / 7, np.nan])
+    np.testing.assert_allclose(iou, [0.0, 3 / 4, np.nan])
+    # the same function on numpy gives the same values, in float64
+    numpy_dice, numpy_iou = dice_iou_from_counts(*(np.array(c) for c in counts))
+    assert numpy_dice.dtype == np.float64 and dice.dtype == jnp.float32
+    np.testing.assert_allclose(numpy_dice, dice, rtol=1e-6)
+    np.testing.assert_allclose(numpy_iou, iou, rtol=1e-6)
+
+
+def test_per_class_counts_skip_invalid_voxels():
+    prediction = jnp.array([[0, 1], [1, 2]])
+    reference = jnp.array([[0, 1], [2, 2]])
+    valid = jnp.array([[True, True], [False, True]])
+    tp, fp, fn = jax.jit(lambda p, r, v: per_class_tp_fp_fn(p, r, 3, v))(prediction, reference, valid)
+    assert tp.tolist() == [1, 1, 1] and fp.tolist() == [0, 0, 0] and fn.tolist() == [0, 0, 0]
+    tp, fp, fn = per_class_tp_fp_fn(prediction, reference, 3)
+    assert tp.tolist() == [1, 1, 1] and fp.tolist() == [0, 1, 0] and fn.tolist() == [0, 0, 1]
 
 
 def test_from_logits_uses_the_argmax():

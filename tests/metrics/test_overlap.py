@@ -8,6 +8,7 @@ import pytest
 from medseg_jax.errors import ConfigError, DataError
 from medseg_jax.metrics import (
     METRIC_NAMES,
+    dice_iou_from_counts,
     dice_iou_per_class,
     empty_case_metrics,
     empty_value,
@@ -28,11 +29,14 @@ def test_dice_iou_by_hand():
     assert scores[2]["dice"] == pytest.approx(2 / 3) and scores[2]["iou"] == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("convention,expected", [
-    # (both empty, reference only empty, prediction only empty) -> (dice, iou)
-    ("nnunet", [(NAN, NAN), (0.0, 0.0), (0.0, 0.0)]),
-    ("monai", [(NAN, NAN), (NAN, NAN), (0.0, 0.0)]),
-])
+@pytest.mark.parametrize(
+    "convention,expected",
+    [
+        # (both empty, reference only empty, prediction only empty) -> (dice, iou)
+        ("nnunet", [(NAN, NAN), (0.0, 0.0), (0.0, 0.0)]),
+        ("monai", [(NAN, NAN), (NAN, NAN), (0.0, 0.0)]),
+    ],
+)
 def test_dice_iou_empty_masks(convention, expected):
     empty, some = np.zeros((4, 4), int), np.eye(4, dtype=int)
     cases = [(empty, empty), (some, empty), (empty, some)]  # (prediction, reference)
@@ -90,3 +94,16 @@ def test_segmentation_metrics_rejects_mismatched_shapes():
         segmentation_metrics(np.zeros((3, 3)), np.zeros((3, 4)), (1.0, 1.0), [1])
     with pytest.raises(DataError, match="shape"):
         dice_iou_per_class(np.zeros((3, 3)), np.zeros((3, 4)), [1])
+
+
+@pytest.mark.parametrize("convention", ["nnunet", "monai"])
+def test_dice_from_counts_follows_the_convention_table(convention):
+    # (tp, fp, fn) with: both empty, reference only empty, prediction only empty, neither empty
+    counts = {(True, True): (0, 0, 0), (True, False): (0, 3, 0), (False, True): (0, 0, 2), (False, False): (2, 1, 1)}
+    for (reference_empty, prediction_empty), (tp, fp, fn) in counts.items():
+        dice, iou = dice_iou_from_counts(tp, fp, fn, convention)
+        for metric, got in (("dice", dice), ("iou", iou)):
+            want = empty_value(metric, reference_empty, prediction_empty, convention)
+            if want is None:
+                want = 2 * tp / (2 * tp + fp + fn) if metric == "dice" else tp / (tp + fp + fn)
+            np.testing.assert_equal(float(got), want)

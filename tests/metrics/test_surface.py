@@ -36,10 +36,16 @@ def chamfered_rectangle_perimeter(n, s):
 
 
 def chamfered_box_area(n, s):
-    faces = 2 * ((n[1] - 1) * (n[2] - 1) * s[1] * s[2] + (n[0] - 1) * (n[2] - 1) * s[0] * s[2]
-                 + (n[0] - 1) * (n[1] - 1) * s[0] * s[1])
-    strips = 4 * ((n[0] - 1) * s[0] * math.hypot(s[1], s[2]) / 2 + (n[1] - 1) * s[1] * math.hypot(s[0], s[2]) / 2
-                  + (n[2] - 1) * s[2] * math.hypot(s[0], s[1]) / 2)
+    faces = 2 * (
+        (n[1] - 1) * (n[2] - 1) * s[1] * s[2]
+        + (n[0] - 1) * (n[2] - 1) * s[0] * s[2]
+        + (n[0] - 1) * (n[1] - 1) * s[0] * s[1]
+    )
+    strips = 4 * (
+        (n[0] - 1) * s[0] * math.hypot(s[1], s[2]) / 2
+        + (n[1] - 1) * s[1] * math.hypot(s[0], s[2]) / 2
+        + (n[2] - 1) * s[2] * math.hypot(s[0], s[1]) / 2
+    )
     corner_triangle = math.sqrt((s[1] * s[2]) ** 2 + (s[0] * s[2]) ** 2 + (s[0] * s[1]) ** 2) / 8
     return faces + strips + 8 * corner_triangle
 
@@ -78,8 +84,9 @@ def test_rectangle_perimeter_is_analytic(n, s):
     assert distances.areas_ref.sum() == pytest.approx(chamfered_rectangle_perimeter(n, s))
 
 
-@pytest.mark.parametrize("n,s", [((4, 6, 5), (0.7, 1.3, 2.9)), ((1, 1, 1), (1.0, 1.0, 1.0)),
-                                 ((2, 9, 3), (2.5, 0.4, 1.0))])
+@pytest.mark.parametrize(
+    "n,s", [((4, 6, 5), (0.7, 1.3, 2.9)), ((1, 1, 1), (1.0, 1.0, 1.0)), ((2, 9, 3), (2.5, 0.4, 1.0))]
+)
 def test_box_surface_area_is_analytic(n, s):
     mask = box((12, 14, 10), (2, 3, 1), n)
     distances = surface_distances(mask, mask, s)
@@ -140,8 +147,12 @@ def test_shifted_box_3d():
     distances = surface_distances(ref, pred, s)
     corner = math.sqrt((s[1] * s[2]) ** 2 + (s[0] * s[2]) ** 2 + (s[0] * s[1]) ** 2) / 8
     face = (n[1] - 1) * (n[2] - 1) * s[1] * s[2]
-    low_face = (face + 2 * (n[1] - 1) * s[1] * math.hypot(s[0], s[2]) / 2
-                + 2 * (n[2] - 1) * s[2] * math.hypot(s[0], s[1]) / 2 + 4 * corner)
+    low_face = (
+        face
+        + 2 * (n[1] - 1) * s[1] * math.hypot(s[0], s[2]) / 2
+        + 2 * (n[2] - 1) * s[2] * math.hypot(s[0], s[1]) / 2
+        + 4 * corner
+    )
     ring = s[0] * chamfered_rectangle_perimeter(n[1:], s[1:])  # one level of the side faces
     far = low_face + face  # at distance k s0
     weighted = k * s[0] * far + sum((k - m) * s[0] * ring for m in range(1, k))
@@ -187,9 +198,11 @@ def test_empty_masks_under_both_conventions(ndim, surface):
     for (ref_name, pred_name), by_convention in expected.items():
         distances = surface_distances(masks[ref_name], masks[pred_name], spacing, surface=surface)
         for convention, values in by_convention.items():
-            got = (hausdorff_distance(distances, empty=convention),
-                   average_symmetric_surface_distance(distances, empty=convention),
-                   normalized_surface_dice(distances, 1.0, empty=convention))
+            got = (
+                hausdorff_distance(distances, empty=convention),
+                average_symmetric_surface_distance(distances, empty=convention),
+                normalized_surface_dice(distances, 1.0, empty=convention),
+            )
             np.testing.assert_array_equal(got, values, err_msg=f"{ref_name}/{pred_name}/{convention}")
 
 

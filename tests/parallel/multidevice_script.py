@@ -20,13 +20,24 @@ from medseg_jax.train import create_train_state, make_optimizer, make_train_step
 from medseg_jax.train.step import jit_train_step
 
 assert jax.device_count() == 8, jax.devices()
-config = load_config(None, ["model.spatial_dims=2", "model.n_stages=3", "model.features=[4, 8, 16]",
-                            "train.steps=10", "model.deep_supervision=true"])
+config = load_config(
+    None,
+    [
+        "model.spatial_dims=2",
+        "model.num_classes=3",
+        "model.n_stages=3",
+        "model.features=[4, 8, 16]",
+        "train.steps=10",
+        "model.deep_supervision=true",
+    ],
+)
 model = build_unet(config.model)
 optimizer = make_optimizer(config.train)
 rng = np.random.default_rng(0)
-batch = {"image": rng.normal(size=(8, 32, 32, 1)).astype(np.float32),
-         "label": rng.integers(0, 3, size=(8, 32, 32)).astype(np.int32)}
+batch = {
+    "image": rng.normal(size=(8, 32, 32, 1)).astype(np.float32),
+    "label": rng.integers(0, 3, size=(8, 32, 32)).astype(np.int32),
+}
 init = lambda key: create_train_state(model, optimizer, key, jnp.zeros((1, 32, 32, 1)))
 step = make_train_step(model, optimizer, config.train.loss)
 
@@ -70,10 +81,13 @@ abstract = jax.eval_shape(init, jax.random.key(0))
 saved_leaves = jax.tree_util.tree_leaves(jax.device_get(saved_state))
 restores = {}
 one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-for name, target in [("1 device", jax.tree_util.tree_map(lambda _: one_device, abstract)),
-                     ("2x4", parallel.state_shardings(parallel.make_mesh(config.mesh.__class__(data=2, spatial=4)),
-                                                      abstract))]:
-    restored, data_state, meta = checkpoint.restore_step(manager, 1, checkpoint.abstract_with_shardings(abstract, target))
+for name, target in [
+    ("1 device", jax.tree_util.tree_map(lambda _: one_device, abstract)),
+    ("2x4", parallel.state_shardings(parallel.make_mesh(config.mesh.__class__(data=2, spatial=4)), abstract)),
+]:
+    restored, data_state, meta = checkpoint.restore_step(
+        manager, 1, checkpoint.abstract_with_shardings(abstract, target)
+    )
     leaves = jax.tree_util.tree_leaves(restored)
     restores[name] = {
         "equal": all(np.array_equal(np.asarray(a), b) for a, b in zip(jax.device_get(leaves), saved_leaves)),

@@ -16,7 +16,7 @@ import pytest
 from medseg_jax import checkpoint
 from medseg_jax.config import load_config
 from medseg_jax.data.dataset import load_dataset
-from medseg_jax.data.fingerprint import compute_fingerprint, save_json
+from medseg_jax.data.fingerprint import compute_fingerprint
 from medseg_jax.data.plan import make_plan
 from medseg_jax.data.preprocess import preprocess_dataset
 from medseg_jax.data.store import CaseStore
@@ -25,9 +25,16 @@ from medseg_jax.errors import TrainingError
 from medseg_jax.train.loop import train
 
 STEPS = 8
-OVERRIDES = [f"train.steps={STEPS}", "train.checkpoint_every=2", "train.val_every=4", "train.val_batches=1",
-             "train.log_every=1", "train.keep_checkpoints=2", "model.base_features=4", "data.batch_size=2",
-             "data.patch_size=[32, 32]"]
+OVERRIDES = [
+    f"train.steps={STEPS}",
+    "train.checkpoint_every=2",
+    "train.val_every=4",
+    "train.log_every=1",
+    "train.keep_checkpoints=2",
+    "model.base_features=4",
+    "data.batch_size=2",
+    "data.patch_size=[32, 32]",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +43,23 @@ def store_dir(tmp_path_factory):
     dataset = load_dataset(write_synthetic_dataset(root / "raw", 5, seed=3, shape=(32, 32, 12)))
     plan = make_plan(compute_fingerprint(dataset), dim=2, voxel_budget=2 * 32 * 32, max_stages=3)
     store = CaseStore(root / "store", chunk_shape=(32, 32, 1))
-    preprocess_dataset(dataset, plan, store, progress=False)
-    save_json(plan, root / "store" / "plan.json")
+    preprocess_dataset(dataset, plan, store, progress=False)  # records the plan in the store
     return root / "store"
 
 
 def train_command(store_dir, run_dir, *extra):
-    args = [sys.executable, "-m", "medseg_jax.cli", "train", "--data", str(store_dir), "--out", str(run_dir),
-            "--quiet", *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "medseg_jax.cli",
+        "train",
+        "--data",
+        str(store_dir),
+        "--out",
+        str(run_dir),
+        "--quiet",
+        *extra,
+    ]
     for override in OVERRIDES:
         args += ["--set", override]
     return args
@@ -78,14 +94,27 @@ def test_run_folder_contents(uninterrupted):
     assert steps[-2:] == [6, 8]  # latest two kept (plus the best validation one, which may be 4)
 
 
+def logged(metrics_path: Path) -> int:
+    """Training steps logged so far in a run's metrics.jsonl (one line per step in these tests)."""
+    if not metrics_path.is_file():
+        return 0
+    return sum('"loss"' in line for line in metrics_path.read_text().splitlines())
+
+
 def test_kill_9_at_random_moments_then_resume_matches_uninterrupted(store_dir, uninterrupted, tmp_path):
     run_dir = tmp_path / "killed"
     rng = random.Random(1234)
     kills = 0
-    for attempt in range(3):
+    metrics = run_dir / "metrics.jsonl"
+    for _ in range(3):
         proc = subprocess.Popen(train_command(store_dir, run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        # a random moment after start-up (imports + compile take several seconds on a small CPU)
-        time.sleep(rng.uniform(4.0, 14.0))
+        # a random moment measured in training progress, not seconds (machines differ in speed): once a
+        # random number of steps is logged (0: still starting up), plus up to half a second
+        logged_steps = rng.randint(0, STEPS - 1)
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline and logged(metrics) < logged_steps:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.5))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
@@ -103,9 +132,21 @@ def test_kill_9_at_random_moments_then_resume_matches_uninterrupted(store_dir, u
 
 def test_sigterm_saves_and_exits_cleanly_then_resumes(store_dir, tmp_path):
     run_dir = tmp_path / "term"
-    proc = subprocess.Popen(train_command(store_dir, run_dir, "--set", "train.steps=400", "--set",
-                                          "train.checkpoint_every=100", "--set", "train.val_every=1000"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        train_command(
+            store_dir,
+            run_dir,
+            "--set",
+            "train.steps=400",
+            "--set",
+            "train.checkpoint_every=100",
+            "--set",
+            "train.val_every=1000",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
@@ -137,8 +178,9 @@ def test_damaged_newest_checkpoint_is_skipped_with_a_warning(store_dir, uninterr
 
 
 def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(store_dir, tmp_path):
-    config = load_config(None, [*OVERRIDES, "train.learning_rate=1e12", "train.grad_clip_norm=null",
-                                "train.optimizer=sgd"])
+    config = load_config(
+        None, [*OVERRIDES, "train.learning_rate=1e12", "train.grad_clip_norm=null", "train.optimizer=sgd"]
+    )
     with pytest.raises(TrainingError, match=r"non-finite loss .* at step \d+") as info:
         train(config, store_dir, tmp_path / "nan", progress=False)
     assert "last good checkpoint" in str(info.value)
@@ -151,22 +193,99 @@ def test_resume_refuses_a_different_model(store_dir, uninterrupted, tmp_path):
 
     run_dir = tmp_path / "other"
     shutil.copytree(uninterrupted[0], run_dir)
-    with pytest.raises(ConfigError, match="different model config"):
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match=r"different model config \(model\.base_features, model\.features\)"):
         train(load_config(None, [*OVERRIDES, "model.base_features=8"]), store_dir, run_dir, progress=False)
+    # refused before anything was written: the run can still be predicted from
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+def test_a_run_folder_inside_the_store_is_refused(store_dir, capsys):
+    from medseg_jax.cli import main
+
+    cases_before = sorted(p.name for p in store_dir.iterdir())
+    for out in (store_dir, store_dir / "run"):
+        assert main(train_command(store_dir, out)[3:]) == 2
+        assert "inside the store" in capsys.readouterr().err
+    assert sorted(p.name for p in store_dir.iterdir()) == cases_before
+
+
+def test_train_into_a_path_that_is_a_file_is_one_error_line(store_dir, tmp_path, capsys):
+    from medseg_jax.cli import main
+
+    target = tmp_path / "taken"
+    target.write_text("not a folder")
+    assert main(train_command(store_dir, target)[3:]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "taken" in err and "Traceback" not in err
+    assert target.read_text() == "not a folder"
+
+
+def test_predict_with_an_edited_config_names_config_yaml(store_dir, uninterrupted, tmp_path):
+    import shutil
+
+    import yaml
+
+    run_dir = tmp_path / "edited"
+    shutil.copytree(uninterrupted[0], run_dir)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["model"]["features"] = [8, 16, 32]  # a wider network than the checkpoint holds
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    image = sorted((store_dir.parent / "raw" / "Dataset001_SynthLiver" / "imagesTr").iterdir())[0]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medseg_jax.cli",
+            "predict",
+            "--model",
+            str(run_dir),
+            "-i",
+            str(image),
+            "-o",
+            str(tmp_path / "mask.nii.gz"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "config.yaml disagrees with the checkpoint" in result.stderr and "model.features" in result.stderr
+    assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "mask.nii.gz").exists()
 
 
 def test_predict_and_evaluate_with_the_trained_run(store_dir, uninterrupted, tmp_path, capsys):
     from medseg_jax.cli import main
-    from medseg_jax.data.io import read_nifti_header
+    from medseg_jax.data.image_io import read_nifti_header
 
     dataset = store_dir.parent / "raw" / "Dataset001_SynthLiver"
     out = tmp_path / "pred"
-    assert main(["predict", "--model", str(uninterrupted[0]), "-i", str(dataset / "imagesTr"), "-o", str(out),
-                 "--quiet", "--mirror-axes", "0", "--largest-component", "1", "--report"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(uninterrupted[0]),
+                "-i",
+                str(dataset / "imagesTr"),
+                "-o",
+                str(out),
+                "--quiet",
+                "--mirror-axes",
+                "0",
+                "--largest-component",
+                "1",
+                "--report",
+            ]
+        )
+        == 0
+    )
     assert "predicted 5 case(s)" in capsys.readouterr().out
     from scipy import ndimage
 
-    from medseg_jax.data.io import read_nifti
+    from medseg_jax.data.image_io import read_nifti
 
     for path in out.glob("*.nii.gz"):  # class 1 kept to one component (full connectivity)
         liver = read_nifti(path).array == 1
@@ -178,10 +297,27 @@ def test_predict_and_evaluate_with_the_trained_run(store_dir, uninterrupted, tmp
         np.testing.assert_allclose(affine, ref_affine, atol=1e-5)
     assert len(list((out / "report").glob("*.png"))) == 5
     (out / "report").rename(tmp_path / "predict_report")
-    assert main(["evaluate", "--pred", str(out), "--ref", str(dataset / "labelsTr"), "--labels",
-                 str(dataset / "dataset.json"), "--quiet", "--report", "--images", str(dataset / "imagesTr")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--pred",
+                str(out),
+                "--ref",
+                str(dataset / "labelsTr"),
+                "--labels",
+                str(dataset / "dataset.json"),
+                "--quiet",
+                "--report",
+                "--images",
+                str(dataset / "imagesTr"),
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in (out / "report").glob("*.png")) == sorted(
-        p.name.replace(".nii.gz", ".png") for p in (dataset / "labelsTr").iterdir())
+        p.name.replace(".nii.gz", ".png") for p in (dataset / "labelsTr").iterdir()
+    )
     summary = json.loads((out / "evaluation" / "summary.json").read_text())
     assert "liver" in json.dumps(summary)
 
@@ -198,6 +334,17 @@ def test_cpu_side_augmentation_mode_trains(store_dir, tmp_path):
     config = load_config(None, [*OVERRIDES, "train.steps=2", "train.val_every=2", "augment.mode=cpu"])
     summary = train(config, store_dir, tmp_path / "cpu_aug", progress=False)
     assert summary["step"] == 2 and np.isfinite(summary["final_loss"])
+
+
+def test_patch_validation_mode_validates_on_patches(store_dir, tmp_path):
+    config = load_config(
+        None, [*OVERRIDES, "train.steps=2", "train.val_every=2", "train.val_mode=patches", "train.val_batches=1"]
+    )
+    train(config, store_dir, tmp_path / "patch_val", progress=False)
+    entries = [json.loads(line) for line in (tmp_path / "patch_val" / "metrics.jsonl").read_text().splitlines()]
+    validations = [e for e in entries if "val_dice" in e]
+    assert [e["step"] for e in validations] == [2]
+    assert np.isfinite(validations[0]["val_loss"]) and len(validations[0]["val_dice_per_class"]) == 3
 
 
 def test_the_curve_names_every_validation_mode():

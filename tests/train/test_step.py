@@ -7,7 +7,13 @@ from medseg_jax.models.factory import build_unet
 from medseg_jax.train import create_train_state, make_eval_step, make_lr_schedule, make_optimizer, make_train_step
 from medseg_jax.train.step import jit_train_step
 
-TINY_2D = ["model.spatial_dims=2", "model.n_stages=3", "model.features=[8, 16, 32]", "model.in_channels=1"]
+TINY_2D = [
+    "model.spatial_dims=2",
+    "model.num_classes=3",
+    "model.n_stages=3",
+    "model.features=[8, 16, 32]",
+    "model.in_channels=1",
+]
 
 
 def synthetic_batch(seed=0, size=32, batch=2):
@@ -28,10 +34,12 @@ def setup(overrides=()):
     c = load_config(None, [*TINY_2D, *overrides])
     model = build_unet(c.model)
     optimizer = make_optimizer(c.train)
-    state = create_train_state(model, optimizer, jax.random.key(c.train.seed), jnp.zeros((1, 32, 32, 1)),
-                               use_ema=c.train.ema_decay is not None)
-    step = make_train_step(model, optimizer, c.train.loss, lr_schedule=make_lr_schedule(c.train),
-                           ema_decay=c.train.ema_decay)
+    state = create_train_state(
+        model, optimizer, jax.random.key(c.train.seed), jnp.zeros((1, 32, 32, 1)), use_ema=c.train.ema_decay is not None
+    )
+    step = make_train_step(
+        model, optimizer, c.train.loss, lr_schedule=make_lr_schedule(c.train), ema_decay=c.train.ema_decay
+    )
     return c, model, state, step
 
 
@@ -39,8 +47,15 @@ def test_tiny_model_overfits_one_batch():
     # Dice+CE starts near 1 (Dice term) + log(3) ~ 2.1; a net that memorises the batch drives both
     # terms towards 0. Below 0.2 the soft Dice of both classes averages above 0.9 (CE >= 0), and the
     # hard Dice checked below confirms the segmentation itself is right.
-    c, model, state, step = setup(["train.optimizer=adamw", "train.learning_rate=1e-2", "train.steps=100",
-                                   "train.weight_decay=0", "model.deep_supervision=false"])
+    c, model, state, step = setup(
+        [
+            "train.optimizer=adamw",
+            "train.learning_rate=1e-2",
+            "train.steps=100",
+            "train.weight_decay=0",
+            "model.deep_supervision=false",
+        ]
+    )
     step = jit_train_step(step)
     batch = synthetic_batch()
     first = None
@@ -82,8 +97,10 @@ def test_non_finite_loss_skips_update_and_reports():
         np.testing.assert_array_equal(a, np.asarray(b))
     good_state, good_metrics = jax.jit(step)(new_state, batch)
     assert bool(good_metrics["finite"])
-    changed = [not np.array_equal(a, np.asarray(b)) for a, b in
-               zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(good_state.params))]
+    changed = [
+        not np.array_equal(a, np.asarray(b))
+        for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(good_state.params))
+    ]
     assert any(changed)
     # EMA moved towards the new params but not all the way
     ema_leaf = np.asarray(jax.tree_util.tree_leaves(good_state.ema_params)[0])
@@ -93,7 +110,9 @@ def test_non_finite_loss_skips_update_and_reports():
 
 
 def test_gradients_are_finite_with_deep_supervision_3d():
-    c = load_config(None, ["model.spatial_dims=3", "model.n_stages=3", "model.features=[4, 8, 8]"])
+    c = load_config(
+        None, ["model.spatial_dims=3", "model.num_classes=3", "model.n_stages=3", "model.features=[4, 8, 8]"]
+    )
     model = build_unet(c.model)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 16, 16, 16, 1)), jnp.float32)
     y = jnp.asarray(np.random.default_rng(1).integers(0, 3, size=(1, 16, 16, 16)))
@@ -117,8 +136,9 @@ def test_nnunet_schedule_and_clipping():
 
 
 def test_adamw_warmup_cosine():
-    c = load_config(None, ["train.optimizer=adamw", "train.learning_rate=1e-3", "train.warmup_steps=10",
-                           "train.steps=110"]).train
+    c = load_config(
+        None, ["train.optimizer=adamw", "train.learning_rate=1e-3", "train.warmup_steps=10", "train.steps=110"]
+    ).train
     schedule = make_lr_schedule(c)
     assert float(schedule(0)) == 0.0
     np.testing.assert_allclose(float(schedule(10)), 1e-3, rtol=1e-5)

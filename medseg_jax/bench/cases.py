@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.timing import Prepared, prepare_jax
-from medseg_jax.kernels.autotune import OpCase, case_arguments, default_candidates, layer_cases
+from medseg_jax.bench.model_tuning import layer_cases
+from medseg_jax.bench.timing import Prepared, prepare_jax
+from medseg_jax.kernels.autotune import OpCase, case_arguments, default_candidates, time_case
 from medseg_jax.kernels.conv import conv_output_size
 from medseg_jax.kernels.select import implementations, resolve
 from medseg_jax.models import UNet
@@ -42,10 +43,18 @@ class Topology:
         return len(self.patch)
 
     def unet(self, dtype: str, conv: str = "auto", upsample: str = "auto", deep_supervision: bool = True) -> UNet:
-        return UNet(num_classes=self.num_classes, spatial_dims=self.dims, n_stages=len(self.features),
-                    features=self.features, strides=self.strides, deep_supervision=deep_supervision,
-                    conv_implementation=conv, upsample_implementation=upsample,
-                    dtype=jnp.dtype(dtype), param_dtype=jnp.float32)
+        return UNet(
+            num_classes=self.num_classes,
+            spatial_dims=self.dims,
+            n_stages=len(self.features),
+            features=self.features,
+            strides=self.strides,
+            deep_supervision=deep_supervision,
+            conv_implementation=conv,
+            upsample_implementation=upsample,
+            dtype=jnp.dtype(dtype),
+            param_dtype=jnp.float32,
+        )
 
     def input_shape(self) -> tuple[int, ...]:
         return (self.batch, *self.patch, self.in_channels)
@@ -147,7 +156,9 @@ def representative_cases(topology: Topology, dtype: str) -> list[OpCase]:
 def op_group(case: OpCase, backward: bool) -> Group:
     """Every implementation of ``case``'s operation on the same arguments, forward or forward + backward."""
     # Pallas runs interpreted on CPU: timed there only at toy sizes, to keep its path exercised.
-    names = [n for n in sorted(implementations(case.operation)) if n in default_candidates(case.operation) or _tiny(case)]
+    names = [
+        n for n in sorted(implementations(case.operation)) if n in default_candidates(case.operation) or _tiny(case)
+    ]
     if case.operation == "conv":
         names = conv_candidates(len(case.strides))
     baseline = "xla" if case.operation == "conv" else "conv_transpose"
@@ -164,12 +175,18 @@ def op_group(case: OpCase, backward: bool) -> Group:
                 return (y, *vjp(ct))
 
             return prepare_jax(forward_backward, x, kernel, bias, cotangent)
+
         return prepare
 
     return Group(
-        name=f"{case.operation} {'fwd+bwd' if backward else 'fwd'}", operation=case.operation, dims=len(case.strides),
-        dtype=case.dtype, shape=describe(case.input_shape, case.kernel_shape, case.strides), baseline=baseline,
-        members={n: member(n) for n in names}, flops_analytic=conv_flops(case) * (3 if backward else 1),
+        name=f"{case.operation} {'fwd+bwd' if backward else 'fwd'}",
+        operation=case.operation,
+        dims=len(case.strides),
+        dtype=case.dtype,
+        shape=describe(case.input_shape, case.kernel_shape, case.strides),
+        baseline=baseline,
+        members={n: member(n) for n in names},
+        flops_analytic=conv_flops(case) * (3 if backward else 1),
     )
 
 
@@ -196,11 +213,20 @@ def conv_block_group(topology: Topology, dtype: str) -> Group:
                 return (y, *vjp(ct))
 
             return prepare_jax(forward_backward, params, x, ct)
+
         return prepare
 
     case = OpCase("conv", shape, (3,) * d + (f[0], f[0]), (1,) * d, dtype)
-    return Group("conv block fwd+bwd", "conv_block", d, dtype, describe(shape, case.kernel_shape), "xla",
-                 {n: member(n) for n in conv_candidates(d)}, conv_flops(case) * 3)
+    return Group(
+        "conv block fwd+bwd",
+        "conv_block",
+        d,
+        dtype,
+        describe(shape, case.kernel_shape),
+        "xla",
+        {n: member(n) for n in conv_candidates(d)},
+        conv_flops(case) * 3,
+    )
 
 
 def resolved_variant(variant: tuple[str, str]) -> str:
@@ -221,11 +247,19 @@ def forward_group(topology: Topology, dtype: str) -> Group:
             x = random_batch(topology, dtype)["image"]
             params = jax.jit(model.init)(jax.random.key(0), x)
             return prepare_jax(model.apply, params, x)
+
         return prepare
 
-    return Group("U-Net forward", "unet_forward", topology.dims, dtype,
-                 describe(topology.input_shape()) + f" stages={len(topology.features)}", NETWORK_BASELINE,
-                 {name: member(v) for name, v in network_variants(topology.dims).items()}, network_flops(topology))
+    return Group(
+        "U-Net forward",
+        "unet_forward",
+        topology.dims,
+        dtype,
+        describe(topology.input_shape()) + f" stages={len(topology.features)}",
+        NETWORK_BASELINE,
+        {name: member(v) for name, v in network_variants(topology.dims).items()},
+        network_flops(topology),
+    )
 
 
 def train_setup(topology: Topology, dtype: str):
@@ -248,7 +282,7 @@ def train_step_group(topology: Topology, dtype: str, torch_member: Callable[[], 
     from medseg_jax.config import LossConfig
     from medseg_jax.train.step import make_train_step
 
-    setup = []  # built on first use, then shared
+    setup: list = []  # built on first use, then shared
 
     def member(variant):
         def prepare():
@@ -257,14 +291,22 @@ def train_step_group(topology: Topology, dtype: str, torch_member: Callable[[], 
             optimizer, state, batch = setup
             step = make_train_step(topology.unet(dtype, *variant), optimizer, LossConfig())
             return prepare_jax(step, state, batch)
+
         return prepare
 
     members = {name: member(v) for name, v in network_variants(topology.dims).items()}
     if torch_member is not None:
         members["pytorch nnU-Net PlainConvUNet"] = torch_member
-    return Group("train step", "train_step", topology.dims, dtype,
-                 describe(topology.input_shape()) + f" stages={len(topology.features)}", NETWORK_BASELINE,
-                 members, 3 * network_flops(topology))
+    return Group(
+        "train step",
+        "train_step",
+        topology.dims,
+        dtype,
+        describe(topology.input_shape()) + f" stages={len(topology.features)}",
+        NETWORK_BASELINE,
+        members,
+        3 * network_flops(topology),
+    )
 
 
 def sliding_window_group(topology: Topology, dtype: str) -> Group | None:
@@ -282,22 +324,30 @@ def sliding_window_group(topology: Topology, dtype: str) -> Group | None:
             model = topology.unet(dtype, *variant, deep_supervision=False)
             image = jax.random.normal(jax.random.key(0), image_shape, jnp.float32)
             params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, *topology.patch, topology.in_channels)))
-            run = lambda: jax.block_until_ready(sliding_window(model.apply, image, topology.patch, params=params,
-                                                               mirror_axes=(), num_classes=topology.num_classes))
+            run = lambda: jax.block_until_ready(
+                sliding_window(
+                    model.apply, image, topology.patch, params=params, mirror_axes=(), num_classes=topology.num_classes
+                )
+            )
             return Prepared(run, {})
+
         return prepare
 
-    return Group("sliding window", "sliding_window", topology.dims, dtype, describe(image_shape) +
-                 f" patch={'x'.join(map(str, topology.patch))}", NETWORK_BASELINE,
-                 {name: member(v) for name, v in network_variants(topology.dims).items()})
+    return Group(
+        "sliding window",
+        "sliding_window",
+        topology.dims,
+        dtype,
+        describe(image_shape) + f" patch={'x'.join(map(str, topology.patch))}",
+        NETWORK_BASELINE,
+        {name: member(v) for name, v in network_variants(topology.dims).items()},
+    )
 
 
 def layer_profile(topology: Topology, dtype: str, variant: tuple[str, str], runs: int) -> list[dict]:
     """Where a training step's time goes: every distinct conv / upsampling layer shape of the network,
     forward + backward with the variant's implementation, times its number of layers."""
     import collections
-
-    from medseg_jax.kernels.autotune import time_case
 
     model = topology.unet(dtype, *variant)
     rows = []
@@ -306,8 +356,15 @@ def layer_profile(topology: Topology, dtype: str, variant: tuple[str, str], runs
         if case.operation == "conv" and topology.dims < 3:
             name = "xla"  # what every conv implementation runs below 3 spatial axes
         seconds = time_case(case, [name], runs)[name]
-        rows.append({"operation": case.operation, "implementation": name, "count": count,
-                     "shape": describe(case.input_shape, case.kernel_shape, case.strides),
-                     "seconds_each": seconds, "seconds_total": count * seconds,
-                     "flops_analytic": 3 * conv_flops(case) * count})
+        rows.append(
+            {
+                "operation": case.operation,
+                "implementation": name,
+                "count": count,
+                "shape": describe(case.input_shape, case.kernel_shape, case.strides),
+                "seconds_each": seconds,
+                "seconds_total": count * seconds,
+                "flops_analytic": 3 * conv_flops(case) * count,
+            }
+        )
     return rows

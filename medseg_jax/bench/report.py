@@ -1,4 +1,4 @@
-"""Markdown tables of a benchmark report (the dict :func:`benchmarks.suite.run_benchmarks` returns)."""
+"""Markdown tables of a benchmark report (the dict :func:`medseg_jax.bench.suite.run_benchmarks` returns)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ def flops(value: float | None) -> str:
 
 def results_table(results: list[dict]) -> list[str]:
     lines = [
-        "| dims | dtype | group | shape | implementation | median | spread | compile | GFLOP/s | of matmul | vs baseline |",
+        "| dims | dtype | group | shape | implementation | median | spread | compile | GFLOP/s | of matmul "
+        "| vs baseline |",
         "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
@@ -30,21 +31,28 @@ def results_table(results: list[dict]) -> list[str]:
 def profile_table(profile: list[dict]) -> list[str]:
     if not profile:
         return []
-    lines = ["", "Layer profile of the default network's training step (forward + backward per layer shape):", "",
-             "| dims | dtype | operation | implementation | shape | layers | each | total | GFLOP/s |",
-             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "",
+        "Layer profile of the default network's training step (forward + backward per layer shape):",
+        "",
+        "| dims | dtype | operation | implementation | shape | layers | each | total | GFLOP/s |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
     for r in sorted(profile, key=lambda r: (r["dims"], r["dtype"], -r["seconds_total"])):
         rate = r["flops_analytic"] / r["seconds_total"] if r["seconds_total"] > 0 else None
-        lines.append(f"| {r['dims']}D | {r['dtype']} | {r['operation']} | {r['implementation']} | {r['shape']} | "
-                     f"{r['count']} | {seconds(r['seconds_each'])} | {seconds(r['seconds_total'])} | {flops(rate)} |")
+        lines.append(
+            f"| {r['dims']}D | {r['dtype']} | {r['operation']} | {r['implementation']} | {r['shape']} | "
+            f"{r['count']} | {seconds(r['seconds_each'])} | {seconds(r['seconds_total'])} | {flops(rate)} |"
+        )
     return lines
 
 
 def markdown_report(report: dict) -> str:
     meta = report["meta"]
     machine = meta["machine"]
-    matmul = ", ".join(f"{dt}: {flops(m['flop_per_s'])} GFLOP/s ({m['size']}^3)"
-                       for dt, m in report["matmul_reference"].items())
+    matmul = ", ".join(
+        f"{dt}: {flops(m['flop_per_s'])} GFLOP/s ({m['size']}^3)" for dt, m in report["matmul_reference"].items()
+    )
     lines = [
         f"Preset `{meta['preset']}`, {meta['runs']} timed runs per member (median), started {meta['started']}.",
         f"Machine: {machine['platform']}, {machine['cpu_count']} CPUs, backend {machine['backend']} "

@@ -1,9 +1,9 @@
-"""The benchmark suite: :func:`run_benchmarks` measures the groups of :mod:`benchmarks.cases` and
+"""The benchmark suite: :func:`run_benchmarks` measures the groups of :mod:`medseg_jax.bench.cases` and
 writes one JSON file and one Markdown table per run.
 
-Method (:mod:`benchmarks.timing`): ahead-of-time compile (reported separately), one warm-up call,
+Method (:mod:`medseg_jax.bench.timing`): ahead-of-time compile (reported separately), one warm-up call,
 ``runs`` timed calls with ``block_until_ready``, members of a group interleaved round-robin; median
-and spread. FLOP convention: :mod:`benchmarks.cases`. ``fraction_of_matmul`` divides a member's
+and spread. FLOP convention: :mod:`medseg_jax.bench.cases`. ``fraction_of_matmul`` divides a member's
 analytic FLOP/s by a large matmul's FLOP/s measured in the same run (the device's practical peak).
 """
 
@@ -13,19 +13,19 @@ import datetime
 import os
 import platform
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
-from benchmarks import cases, torch_baseline
-from benchmarks.report import markdown_report
-from benchmarks.timing import matmul_reference, peak_memory_bytes, summarize, time_round_robin
 from medseg_jax.atomic import write_json_atomic, write_text_atomic
+from medseg_jax.bench import cases, torch_baseline
+from medseg_jax.bench.command import OPERATIONS  # defined beside the flags: --help must not import JAX
+from medseg_jax.bench.report import markdown_report
+from medseg_jax.bench.timing import matmul_reference, peak_memory_bytes, summarize, time_members
 from medseg_jax.errors import ConfigError
 
-OPERATIONS = ("conv", "upsample", "conv_block", "unet_forward", "train_step", "sliding_window", "layers")
 DEFAULT_RUNS = {"smoke": 2, "nnunet": 3}
 MATMUL_SIZE = {"smoke": 256, "nnunet": 2048}
 
@@ -42,21 +42,26 @@ def cpu_model() -> str:
 def machine_info() -> dict:
     device = jax.devices()[0]
     info = {
-        "platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
-        "backend": jax.default_backend(), "device_kind": device.device_kind, "device_count": jax.device_count(),
-        "cpu_count": os.cpu_count(), "cpu": cpu_model(), "numpy": np.__version__,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "cpu": cpu_model(),
+        "numpy": np.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
     try:
         info["load_average"] = os.getloadavg()
     except OSError:
         pass
-    try:
-        import flax
-
-        info["flax"] = flax.__version__
-    except ImportError:
-        pass
+    for name in ("flax", "scipy"):  # versions of what the figures depend on, where installed
+        try:
+            info[name] = __import__(name).__version__
+        except ImportError:
+            pass
     return info
 
 
@@ -108,14 +113,22 @@ def measure_group(group: cases.Group, runs: int, matmul_flop_per_s: float | None
         start = time.perf_counter()
         prepared[name].call()  # the warm-up call, timed: for eagerly compiled members it holds compilation
         first_call[name] = time.perf_counter() - start
-    samples = time_round_robin(prepared, runs, warmup=0)
+    samples = time_members(prepared, runs, warmup=0)
     rows = []
     for name, times in samples.items():
         summary = summarize(times)
         info = dict(prepared[name].info)
         info.setdefault("compile_s", max(0.0, first_call[name] - summary["median_s"]))
-        row = {"group": group.name, "operation": group.operation, "dims": group.dims, "dtype": group.dtype,
-               "shape": group.shape, "implementation": name, **summary, **info}
+        row = {
+            "group": group.name,
+            "operation": group.operation,
+            "dims": group.dims,
+            "dtype": group.dtype,
+            "shape": group.shape,
+            "implementation": name,
+            **summary,
+            **info,
+        }
         if group.flops_analytic:
             row["flops_analytic"] = group.flops_analytic
             row["flop_per_s"] = group.flops_analytic / summary["median_s"]
@@ -134,9 +147,17 @@ def measure_group(group: cases.Group, runs: int, matmul_flop_per_s: float | None
     return rows
 
 
-def run_benchmarks(preset: str = "smoke", *, dims: Sequence[int] = (2, 3), dtypes: Sequence[str] = ("float32",),
-                   operations: Sequence[str] = OPERATIONS, runs: int | None = None, out_dir: str | os.PathLike | None = None,
-                   torch: bool = True, progress: Callable[[str], None] | None = None) -> dict:
+def run_benchmarks(
+    preset: str = "smoke",
+    *,
+    dims: Sequence[int] = (2, 3),
+    dtypes: Sequence[str] = ("float32",),
+    operations: Sequence[str] = OPERATIONS,
+    runs: int | None = None,
+    out_dir: str | os.PathLike | None = None,
+    torch: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
     """Run the suite and return ``{"meta", "matmul_reference", "results", "layer_profile"}``.
 
     Args:
@@ -153,10 +174,17 @@ def run_benchmarks(preset: str = "smoke", *, dims: Sequence[int] = (2, 3), dtype
     runs = runs or DEFAULT_RUNS[preset]
     say = progress or (lambda text: None)
     torch_enabled = torch and torch_baseline.available() and jax.default_backend() == "cpu"
-    meta = {"preset": preset, "dims": list(dims), "dtypes": list(dtypes), "operations": list(operations), "runs": runs,
-            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine_info(), "torch_baseline": torch_baseline.versions() if torch_enabled else None,
-            "flop_convention": cases.__doc__.split("\n\n")[1].replace("\n", " ")}
+    meta = {
+        "preset": preset,
+        "dims": list(dims),
+        "dtypes": list(dtypes),
+        "operations": list(operations),
+        "runs": runs,
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "torch_baseline": torch_baseline.versions() if torch_enabled else None,
+        "flop_convention": cases.__doc__.split("\n\n")[1].replace("\n", " "),
+    }
     matmul = {dt: matmul_reference(MATMUL_SIZE[preset], dt, runs) for dt in dtypes}
     results, profiles = [], []
     for d in dims:
@@ -170,11 +198,11 @@ def run_benchmarks(preset: str = "smoke", *, dims: Sequence[int] = (2, 3), dtype
                 variant = cases.NETWORK_VARIANTS["medseg-jax default"]
                 for row in cases.layer_profile(topology, dtype, variant, runs):
                     profiles.append({"dims": d, "dtype": dtype, "variant": cases.resolved_variant(variant), **row})
-    meta["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    meta["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     meta["load_average_after"] = machine_info().get("load_average")
     report = {"meta": meta, "matmul_reference": matmul, "results": results, "layer_profile": profiles}
     if out_dir is not None:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
         base = Path(out_dir) / f"benchmark-{preset}-{stamp}"
         write_json_atomic(base.with_suffix(".json"), report)
         write_text_atomic(base.with_suffix(".md"), markdown_report(report))

@@ -1,30 +1,26 @@
-"""Reading and writing volumes with their geometry.
+"""A scan with its geometry (:class:`Volume`) and exact reorientation to RAS and back.
 
 Convention used everywhere downstream: a :class:`Volume` holds the voxel array in *index order* (the
 order of the file's voxel axes, ``array[i, j, k]``) and the 4x4 ``affine`` that maps voxel indices to
 world coordinates in millimetres in NIfTI's RAS+ frame (+x towards the patient's Right, +y Anterior,
-+z Superior). Multi-channel images are a list of
-volumes that share one affine, stacked to ``(C, *spatial)`` by the preprocessing.
++z Superior). Multi-channel images are a list of volumes that share one affine, stacked to
+``(C, *spatial)`` by the preprocessing.
 
 :func:`to_ras` / :func:`from_ras` reorient a 3D volume to canonical RAS voxel order and back by axis
 permutations and flips only (exact, no interpolation). Nothing is recorded on the side: the inverse
-needs only the original file's affine and shape. DICOM series are read by
-:mod:`medseg_jax.data.dicom`; :func:`read_image` dispatches on the path.
+needs only the original file's affine and shape. Files are read and written by
+:mod:`medseg_jax.data.image_io` (NIfTI) and :mod:`medseg_jax.data.dicom` (DICOM series), which both
+build on this module and not on each other.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medseg_jax.atomic import atomic_path
 from medseg_jax.errors import DataError
-
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,114 +49,41 @@ class Volume:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.array.shape)
 
-    def with_array(self, array: np.ndarray) -> "Volume":
+    def with_array(self, array: np.ndarray) -> Volume:
         """The same geometry with other voxel values (shape must match)."""
         if array.shape != self.array.shape:
             raise DataError(f"shape {array.shape} does not match the volume's {self.array.shape}")
         return dataclasses.replace(self, array=array)
 
 
-def is_nifti(path: str | os.PathLike) -> bool:
-    return str(path).endswith(NIFTI_SUFFIXES)
-
-
-def read_nifti(path: str | os.PathLike) -> Volume:
-    """Read a NIfTI file into a :class:`Volume` (array in the file's voxel order, affine kept)."""
-    import nibabel as nib
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        image = nib.load(str(path))
-        array = np.asarray(image.dataobj)
-    except Exception as exc:  # nibabel raises many types for truncated / foreign files
-        raise DataError(f"{path}: not a readable NIfTI file ({exc})") from exc
-    if array.ndim == 4 and array.shape[3] == 1:
-        array = array[..., 0]
-    if array.ndim not in (2, 3):
-        raise DataError(f"{path}: expected a 2D or 3D image, found shape {array.shape}")
-    return Volume(array=array, affine=image.affine, metadata={"source": str(path)})
-
-
-def read_nifti_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray]:
-    """Shape and affine of a NIfTI file without reading its voxels (for fast dataset validation)."""
-    import nibabel as nib
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        image = nib.load(str(path))
-    except Exception as exc:
-        raise DataError(f"{path}: not a readable NIfTI file ({exc})") from exc
-    shape = tuple(int(s) for s in image.shape)
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    return shape, np.asarray(image.affine, dtype=np.float64)
-
-
-def write_nifti(volume: Volume, path: str | os.PathLike, dtype=None) -> Path:
-    """Write ``volume`` to ``path`` atomically (temporary file in the same folder, then rename).
-
-    On any failure the temporary file is removed and a :class:`DataError` naming ``path`` is raised,
-    so a reader never sees a half-written file.
-    """
-    import nibabel as nib
-
-    path = Path(path)
-    if not is_nifti(path):
-        raise DataError(f"{path}: output name must end with .nii.gz or .nii")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    array = volume.array if dtype is None else volume.array.astype(dtype)
-    image = nib.Nifti1Image(array, volume.affine)
-    image.header.set_qform(volume.affine, code=1)
-    image.header.set_sform(volume.affine, code=1)
-    try:
-        with atomic_path(path) as tmp:
-            nib.save(image, str(tmp))
-    except Exception as exc:
-        raise DataError(f"{path}: could not write NIfTI file ({exc})") from exc
-    return path
-
-
-def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) -> Volume:
-    """Read a folder of single-frame DICOM files as one 3D volume (HU, RAS affine).
-
-    See :func:`medseg_jax.data.dicom.read_dicom_series` for the rules (file selection, sorting,
-    spacing checks). Imported lazily so NIfTI-only users never import pydicom.
-    """
-    from medseg_jax.data import dicom
-
-    return dicom.read_dicom_series(folder, series_uid=series_uid)
-
-
-def read_image(path: str | os.PathLike) -> Volume:
-    """Read a scan: a NIfTI file (``.nii`` / ``.nii.gz``) or a folder holding one DICOM series."""
-    path = Path(path)
-    if path.is_dir():
-        return read_dicom_series(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder")
-    if is_nifti(path):
-        return read_nifti(path)
-    raise DataError(
-        f"{path}: unsupported image; expected a .nii / .nii.gz file or a folder of DICOM files "
-        "(pass the series' folder, not a single DICOM file)"
-    )
-
-
 # --- canonical orientation -------------------------------------------------------------------------
+
+
+def affine_problem(affine: np.ndarray, ndim: int = 3) -> str | None:
+    """What makes a voxel -> world ``affine`` unusable for a ``ndim``-D image (non-finite entries, a voxel
+    axis of zero length, axes that span no volume), or None. Such a header cannot be reoriented or
+    resampled. Only the first ``ndim`` voxel axes are checked (a 2D file may leave the third empty)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if not np.isfinite(affine).all():
+        return "the affine has NaN or infinite entries"
+    lengths = np.linalg.norm(affine[:3, :ndim], axis=0)
+    if (lengths == 0).any():
+        return f"the affine is degenerate: voxel axis {int(np.argmin(lengths))} has zero length"
+    if ndim == 3 and abs(np.linalg.det(affine[:3, :3])) <= 1e-6 * np.prod(lengths):
+        return "the affine is degenerate: its voxel axes are linearly dependent"
+    return None
 
 
 def _orientation(affine: np.ndarray) -> np.ndarray:
     """nibabel orientation (axis, flip) of each voxel axis of a 3D ``affine``."""
     from nibabel.orientations import io_orientation
 
-    ornt = io_orientation(np.asarray(affine, dtype=np.float64))
-    if np.isnan(ornt).any():
-        raise DataError(f"affine is degenerate (a voxel axis has zero length):\n{affine}")
-    return ornt
+    problem = affine_problem(affine)
+    if problem is None:
+        ornt = io_orientation(np.asarray(affine, dtype=np.float64))
+        if not np.isnan(ornt).any():
+            return ornt
+    raise DataError(f"{problem or 'the affine is degenerate'}:\n{affine}")
 
 
 def _reorient_trailing(array: np.ndarray, transform: np.ndarray) -> np.ndarray:
@@ -209,9 +132,7 @@ def array_to_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return _reorient_trailing(np.asarray(array), _ras_transform(affine))
 
 
-def array_from_ras(
-    array: np.ndarray, reference_affine: np.ndarray, reference_shape: tuple[int, ...]
-) -> np.ndarray:
+def array_from_ras(array: np.ndarray, reference_affine: np.ndarray, reference_shape: tuple[int, ...]) -> np.ndarray:
     """Inverse of :func:`array_to_ras`: ``(*leading, *ras_spatial)`` back to the reference's voxel order.
 
     Works for images, label maps and per-class probabilities ``(K, *spatial)`` alike: values are only

@@ -2,9 +2,9 @@
 
 Each measured function is compiled ahead of time (``jax.jit(f).lower(*args).compile()``; the seconds
 are reported separately as ``compile_s``), called once to warm up, then called ``runs`` times with
-``block_until_ready``. The members of one comparison are called round-robin (one call of each per
-round), so a change of load on a shared machine hits every member alike. Reported: median, min, max
-and spread ``(max - min) / median`` of the runs.
+``block_until_ready``. The members of one comparison are called round-robin by the package's one timer
+(:func:`medseg_jax.kernels.timing.time_round_robin`), so a change of load on a shared machine hits
+every member alike. Reported: median, min, max and spread ``(max - min) / median`` of the runs.
 """
 
 from __future__ import annotations
@@ -12,10 +12,13 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from medseg_jax.kernels.timing import time_round_robin
 
 
 @dataclasses.dataclass
@@ -57,18 +60,9 @@ def prepare_jax(fn: Callable, *args) -> Prepared:
     return Prepared(lambda: jax.block_until_ready(compiled(*args)), info)
 
 
-def time_round_robin(members: dict[str, Prepared], runs: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds of each call of each member, ``runs`` rounds after ``warmup`` untimed rounds."""
-    for _ in range(warmup):
-        for member in members.values():
-            member.call()
-    samples: dict[str, list[float]] = {name: [] for name in members}
-    for _ in range(max(1, runs)):
-        for name, member in members.items():
-            start = time.perf_counter()
-            member.call()
-            samples[name].append(time.perf_counter() - start)
-    return samples
+def time_members(members: dict[str, Prepared], runs: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each call of each prepared member (see :func:`time_round_robin`)."""
+    return time_round_robin({name: member.call for name, member in members.items()}, runs, warmup)
 
 
 def summarize(times: list[float]) -> dict:
@@ -101,7 +95,7 @@ def matmul_reference(size: int, dtype: str, runs: int) -> dict:
     a = jax.random.normal(keys[0], (size, size), jnp.dtype(dtype))
     b = jax.random.normal(keys[1], (size, size), jnp.dtype(dtype))
     prepared = prepare_jax(lambda a, b: a @ b, a, b)
-    times = time_round_robin({"matmul": prepared}, runs)["matmul"]
+    times = time_members({"matmul": prepared}, runs)["matmul"]
     summary = summarize(times)
     flops = 2.0 * size**3
     return {"size": size, "dtype": dtype, "flops": flops, "flop_per_s": flops / summary["median_s"], **summary}

@@ -18,7 +18,7 @@ import importlib.util
 import os
 import re
 
-from benchmarks.timing import Prepared
+from medseg_jax.bench.timing import Prepared
 
 
 def available() -> bool:
@@ -29,8 +29,10 @@ def versions() -> dict:
     import dynamic_network_architectures
     import torch
 
-    return {"torch": torch.__version__,
-            "dynamic_network_architectures": getattr(dynamic_network_architectures, "__version__", "unknown")}
+    return {
+        "torch": torch.__version__,
+        "dynamic_network_architectures": getattr(dynamic_network_architectures, "__version__", "unknown"),
+    }
 
 
 def jax_thread_count() -> int:
@@ -52,11 +54,21 @@ def build_network(topology):
     conv = torch.nn.Conv3d if topology.dims == 3 else torch.nn.Conv2d
     norm = torch.nn.InstanceNorm3d if topology.dims == 3 else torch.nn.InstanceNorm2d
     return PlainConvUNet(
-        input_channels=topology.in_channels, n_stages=len(topology.features), features_per_stage=topology.features,
-        conv_op=conv, kernel_sizes=3, strides=[list(s) for s in topology.strides], n_conv_per_stage=2,
-        num_classes=topology.num_classes, n_conv_per_stage_decoder=2, conv_bias=True, norm_op=norm,
-        norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU,
-        nonlin_kwargs={"negative_slope": 1e-2, "inplace": True}, deep_supervision=True,
+        input_channels=topology.in_channels,
+        n_stages=len(topology.features),
+        features_per_stage=topology.features,
+        conv_op=conv,
+        kernel_sizes=3,
+        strides=[list(s) for s in topology.strides],
+        n_conv_per_stage=2,
+        num_classes=topology.num_classes,
+        n_conv_per_stage_decoder=2,
+        conv_bias=True,
+        norm_op=norm,
+        norm_op_kwargs={"eps": 1e-5, "affine": True},
+        nonlin=torch.nn.LeakyReLU,
+        nonlin_kwargs={"negative_slope": 1e-2, "inplace": True},
+        deep_supervision=True,
     )
 
 
@@ -111,6 +123,9 @@ def prepare_train_step(topology, dtype: str, threads: int | None = None) -> Prep
         optimizer.step()
         return loss.item()
 
-    info = {"parameters": sum(p.numel() for p in network.parameters()), "threads": torch.get_num_threads(),
-            **versions()}
+    info = {
+        "parameters": sum(p.numel() for p in network.parameters()),
+        "threads": torch.get_num_threads(),
+        **versions(),
+    }
     return Prepared(step, info)

@@ -1,4 +1,4 @@
-"""Tests of medseg_jax.data.io and medseg_jax.data.dicom: NIfTI, reorientation, DICOM series."""
+"""Tests of medseg_jax.data.image_io, .volume and .dicom: NIfTI, reading a case, reorientation, DICOM series."""
 
 from __future__ import annotations
 
@@ -12,18 +12,9 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
 
-from medseg_jax.data.io import (
-    Volume,
-    array_from_ras,
-    array_to_ras,
-    from_ras,
-    read_dicom_series,
-    read_image,
-    read_nifti,
-    read_nifti_header,
-    to_ras,
-    write_nifti,
-)
+from medseg_jax.data.dicom import read_dicom_series
+from medseg_jax.data.image_io import read_case, read_image, read_nifti, read_nifti_header, write_nifti
+from medseg_jax.data.volume import Volume, affine_problem, array_from_ras, array_to_ras, from_ras, to_ras
 from medseg_jax.errors import DataError
 
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real"
@@ -103,6 +94,42 @@ def test_read_image_dispatches_and_rejects_other_paths(tmp_path):
         read_image(other)
     with pytest.raises(DataError, match=r"nothing: no such file or folder"):
         read_image(tmp_path / "nothing")
+
+
+def test_read_case_refuses_non_finite_voxels_and_disagreeing_shapes_naming_the_files(tmp_path):
+    image = np.zeros((4, 4, 3), np.float32)
+    label = np.zeros((4, 4, 3), np.uint8)
+    paths = [
+        write_nifti(Volume(image, np.eye(4)), tmp_path / "c_0000.nii.gz"),
+        write_nifti(Volume(label, np.eye(4)), tmp_path / "c.nii.gz"),
+    ]
+    images, read_label = read_case(paths[:1], paths[1])
+    assert images[0].shape == read_label.shape == (4, 4, 3)
+    for value, what in ((np.nan, "image"), (-np.inf, "image")):
+        bad = image.copy()
+        bad[1, 2, 0] = value
+        path = write_nifti(Volume(bad, np.eye(4)), tmp_path / "bad_0000.nii.gz")
+        with pytest.raises(
+            DataError,
+            match=rf"bad_0000\.nii\.gz: {what} has 1 NaN or infinite voxel\(s\) "
+            r"\(first at index \(1, 2, 0\)\)",
+        ):
+            read_case([path], paths[1])
+    small = write_nifti(Volume(label[:3], np.eye(4)), tmp_path / "small.nii.gz")
+    with pytest.raises(DataError, match=r"shapes differ: .*c_0000\.nii\.gz \(4, 4, 3\), .*small\.nii\.gz \(3, 4, 3\)"):
+        read_case(paths[:1], small)
+
+
+def test_affine_problem_names_what_is_degenerate():
+    assert affine_problem(_oblique_affine()) is None
+    assert "voxel axis 1 has zero length" in affine_problem(np.diag([1.0, 0.0, 1.0, 1.0]))
+    assert affine_problem(np.diag([1.0, 1.0, 0.0, 1.0]), ndim=2) is None  # a 2D file may leave the third axis empty
+    collinear = np.eye(4)
+    collinear[:3, 2] = [1.0, 1.0, 0.0]
+    assert "linearly dependent" in affine_problem(collinear)
+    assert "NaN or infinite" in affine_problem(np.full((4, 4), np.nan))
+    with pytest.raises(DataError, match="voxel axis 2 has zero length"):
+        to_ras(Volume(np.zeros((2, 2, 2)), np.diag([1.0, 1.0, 0.0, 1.0])))
 
 
 # --- canonical orientation ---------------------------------------------------------------------------
