@@ -81,11 +81,21 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     NaN or infinite numbers raise ``ValueError`` naming ``path`` and nothing is written; pass
     :func:`json_safe` ``(obj)`` where they are legitimate values.
     """
+    return write_text_atomic(path, json_text(obj, source=str(path)))
+
+
+def json_text(obj: Any, source: str = "JSON") -> str:
+    """``obj`` as the indented, strict JSON text (numpy values converted, trailing newline) files get.
+
+    NaN or infinite numbers raise ``ValueError`` naming ``source``.
+    """
     try:
         text = json.dumps(obj, indent=2, default=_json_default, allow_nan=False)
     except ValueError as exc:
-        raise ValueError(f"{path}: {exc} (NaN or infinity; write json_safe(value) where they are legitimate)") from exc
-    return write_text_atomic(path, text + "\n")
+        raise ValueError(
+            f"{source}: {exc} (NaN or infinity; write json_safe(value) where they are legitimate)"
+        ) from exc
+    return text + "\n"
 
 
 def json_safe(value: Any) -> Any:
@@ -118,13 +128,18 @@ def read_json(path: str | os.PathLike, expect: type | None = None) -> Any:
         raise DataError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot be read ({exc})") from exc
+    return parse_json(text, str(path), expect)
+
+
+def parse_json(text: str, source: str, expect: type | None = None) -> Any:
+    """Parse JSON ``text`` read from ``source`` (a file, or a key of a store); errors as :func:`read_json`'s."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+        raise DataError(f"{source}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
     if expect is not None and not isinstance(value, expect):
         raise DataError(
-            f"{path}: expected a JSON {_JSON_NAMES.get(expect, expect.__name__)}, "
+            f"{source}: expected a JSON {_JSON_NAMES.get(expect, expect.__name__)}, "
             f"found {_JSON_NAMES.get(type(value), type(value).__name__)}"
         )
     return value

@@ -15,11 +15,14 @@ Restoring onto other devices (8 -> 1 device, another mesh) works by passing targ
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from medseg_jax.errors import CheckpointError
@@ -117,17 +120,48 @@ def set_aside(manager: ocp.CheckpointManager, step: int) -> Path:
     return target
 
 
+# What a damaged or incomplete checkpoint looks like when read: missing or truncated files, undecodable
+# chunks or JSON. Anything else (out of memory, a transient storage error, a target mesh or shape that
+# does not fit) is reported as an error and never a reason to set a checkpoint aside.
+_DAMAGE = re.compile(
+    r"not found|no such file|corrupt|checksum|decod|truncat|unexpected end|DATA_LOSS|malformed|"
+    r"Expecting value|Unterminated|invalid (zarr|json|metadata|header|chunk)|Error reading|Failed to read|"
+    r"Error opening|OUT_OF_RANGE|zstd|blosc|zlib|gzip",
+    re.IGNORECASE,
+)
+_NOT_DAMAGE = re.compile(r"RESOURCE_EXHAUSTED|out of memory|DEADLINE_EXCEEDED|UNAVAILABLE|sharding|mesh", re.I)
+
+
+def is_damage(exc: BaseException) -> bool:
+    """Whether ``exc``, raised while restoring, means the checkpoint's files are damaged or incomplete."""
+    if isinstance(exc, MemoryError):
+        return False
+    if isinstance(exc, (FileNotFoundError, EOFError, json.JSONDecodeError)):
+        return True
+    text = f"{type(exc).__name__}: {exc}"
+    return not _NOT_DAMAGE.search(text) and bool(_DAMAGE.search(text))
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
 def restore_latest_good(manager: ocp.CheckpointManager, abstract_state, check_meta=None):
     """``(step, state, data_state, meta, skipped)`` of the newest checkpoint that restores, or ``None``
-    when there is none. ``skipped`` lists ``(step, reason)`` of the broken ones passed over.
+    when there is none. ``skipped`` lists ``(step, reason)`` of the damaged ones passed over.
 
     ``check_meta(meta)`` runs on each checkpoint's metadata before its arrays are read; an exception it
     raises (say, the run's model config changed) propagates: a mismatch is the caller's error, not damage.
+
+    Several processes decide together: a checkpoint is used only when every process restored it; it is
+    passed over when the failures were all damage (:func:`is_damage`), and any other failure on any
+    process is a :class:`CheckpointError` on every process. Only process 0 renames a damaged
+    checkpoint, after every process is done reading.
     """
     skipped = []
     for step in sorted(manager.all_steps(), reverse=True):
-        # A metadata failure is kept and re-raised inside the restore try below, so it is skipped like
-        # damaged arrays are, while check_meta's own exceptions still propagate.
+        # A metadata failure is kept and judged with the arrays' below, while check_meta's own
+        # exceptions (a config mismatch) still propagate.
         meta_error: Exception | None = None
         try:
             meta = restore_meta(manager, step)
@@ -135,19 +169,35 @@ def restore_latest_good(manager: ocp.CheckpointManager, abstract_state, check_me
             meta_error = exc
         if check_meta is not None and meta_error is None:
             check_meta(meta)
-        try:
-            if meta_error is not None:
-                raise meta_error
-            state, data_state, meta = restore_step(manager, step, abstract_state)
-        except Exception as exc:  # Orbax / tensorstore raise many types for damaged files
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        error: Exception | None = meta_error
+        if error is None:
+            try:
+                state, data_state, meta = restore_step(manager, step, abstract_state)
+            except Exception as exc:  # Orbax / tensorstore raise many types for damaged files
+                error = exc
+        outcome = 0 if error is None else (1 if is_damage(error) else 2)
+        outcomes = parallel_outcomes(outcome)
+        if max(outcomes) == 2:
+            where = "this process" if outcome == 2 else f"process {outcomes.index(2)}"
+            detail = _reason(error) if error is not None and outcome == 2 else "see that process's error"
+            raise CheckpointError(
+                f"{manager.directory}: checkpoint {step} could not be restored on {where} ({detail}); this does "
+                "not look like damaged files, so it was not set aside: check memory, storage and the device mesh"
+            ) from error
+        if max(outcomes) == 1:
+            reason = _reason(error) if error is not None else "damaged on another process"
             logger.warning(
                 "checkpoint %s in %s is unreadable (%s); trying an older one", step, manager.directory, reason
             )
             skipped.append((step, reason))
             continue
-        for bad_step, _ in skipped:
-            set_aside(manager, bad_step)
+        _barrier("medseg-restore-done")
+        if jax.process_index() == 0:
+            for bad_step, _ in skipped:
+                set_aside(manager, bad_step)
+        _barrier("medseg-set-aside-done")
+        if jax.process_index() != 0 and skipped:
+            manager.reload()
         return step, state, data_state, meta, skipped
     if skipped:
         raise CheckpointError(
@@ -155,3 +205,16 @@ def restore_latest_good(manager: ocp.CheckpointManager, abstract_state, check_me
             + "; ".join(f"step {s}: {r}" for s, r in skipped)
         )
     return None
+
+
+def parallel_outcomes(outcome: int) -> list[int]:
+    """Every process's restore outcome (0 restored, 1 damaged, 2 other error), in process order."""
+    from medseg_jax.parallel import gather_from_processes
+
+    return [int(v) for v in gather_from_processes(np.asarray([outcome], dtype=np.int32)).reshape(-1)]
+
+
+def _barrier(name: str) -> None:
+    from medseg_jax.parallel import barrier
+
+    barrier(name)

@@ -106,21 +106,55 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def shard_argument(value: str) -> tuple[int, int]:
+    """``--shard INDEX/COUNT`` (e.g. ``0/4``): this process preprocesses every COUNT-th case from INDEX."""
+    import re
+
+    from medseg_jax.data.preprocess import check_shard
+
+    match = re.fullmatch(r"([0-9]+)/([0-9]+)", value)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{value!r} is not INDEX/COUNT with two non-negative integers, e.g. 0/4")
+    index, count = int(match[1]), int(match[2])
+    try:
+        check_shard(index, count)
+    except MedsegError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return index, count
+
+
 def cmd_preprocess(args) -> int:
     from medseg_jax.data.dataset import load_dataset, validate_dataset
     from medseg_jax.data.plan import read_plan
     from medseg_jax.data.preprocess import preprocess_dataset
     from medseg_jax.data.store import CaseStore
+    from medseg_jax.errors import ConfigError
 
+    if args.finalize and args.shard is not None:
+        raise ConfigError("--finalize checks the whole store: run it once, without --shard, after every shard is done")
+    if not args.finalize and args.plan is None:
+        raise ConfigError("preprocess needs --plan (the plan JSON from `medseg-jax plan`)")
     dataset = load_dataset(args.dataset)
     validate_dataset(dataset)
-    plan = read_plan(args.plan)
+    plan = None if args.plan is None else read_plan(args.plan)
+    store = CaseStore(args.out)
+    if args.finalize:
+        index = store.finalize([c.case_id for c in dataset.cases], plan)
+        print(f"all {len(index['cases'])} case(s) are in {args.out}; index written to {store.location('index.json')}")
+        return 0
+    assert plan is not None  # checked above: only --finalize goes without a plan
     # the store records the plan before its first case and refuses another one (training reads it there)
-    summary = preprocess_dataset(dataset, plan, CaseStore(args.out), num_workers=args.workers, progress=not args.quiet)
+    shard = args.shard or (0, 1)
+    summary = preprocess_dataset(dataset, plan, store, num_workers=args.workers, progress=not args.quiet, shard=shard)
     print(
         f"preprocessed {summary['written']} case(s), skipped {summary['skipped']} already in {args.out} "
         f"({summary['seconds']:.1f} s)"
     )
+    if args.shard is not None:
+        print(
+            f"shard {shard[0]}/{shard[1]}: {summary['cases']} of {len(dataset.cases)} case(s); once every shard "
+            "is done, run the same command with --finalize instead of --shard"
+        )
     return 0
 
 
@@ -140,11 +174,11 @@ def cmd_train(args) -> int:
             f"{args.out}: holds checkpoints of an earlier run; drop --no-resume to continue it, or choose another --out"
         )
     summary = train(config, args.data, args.out, fold=args.fold, resume=args.resume, progress=not args.quiet, log=print)
-    pseudo_dice = summary["pseudo_dice"]
+    pseudo_dice, final_loss = summary.pseudo_dice, summary.final_loss
     print(
-        f"step {summary['step']}/{summary['steps']}, final loss {summary['final_loss']:.4f}, "
+        f"step {summary.step}/{summary.steps}, final loss {'-' if final_loss is None else f'{final_loss:.4f}'}, "
         f"pseudo-Dice {pseudo_dice if pseudo_dice is None else round(pseudo_dice, 4)}, "
-        f"{summary['seconds']:.1f} s on mesh {summary['mesh']} -> {args.out}"
+        f"{summary.seconds:.1f} s on mesh {summary.mesh} -> {args.out}"
     )
     return 0
 
@@ -350,9 +384,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("preprocess", help="preprocess a dataset into a chunked zarr store (resumable)")
     p.add_argument("dataset", type=Path, help="dataset folder")
-    p.add_argument("--plan", type=Path, required=True, help="plan JSON from `medseg-jax plan`")
-    p.add_argument("--out", type=Path, required=True, help="store folder")
+    p.add_argument(
+        "--plan", type=Path, default=None, help="plan JSON from `medseg-jax plan` (optional with --finalize)"
+    )
+    p.add_argument(
+        "--out", required=True, help="store: a folder, or a URL (gs://bucket/path, s3://bucket/path, memory://name)"
+    )
     p.add_argument("--workers", type=int, default=1, help="worker processes")
+    p.add_argument(
+        "--shard",
+        type=shard_argument,
+        default=None,
+        metavar="INDEX/COUNT",
+        help="preprocess only every COUNT-th case from INDEX (hosts or SLURM array tasks share a dataset)",
+    )
+    p.add_argument(
+        "--finalize",
+        action="store_true",
+        help="preprocess nothing: check that every case is in the store, then write its index (after all shards)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_preprocess)
 

@@ -71,7 +71,9 @@ class DataConfig:
     patch_size: tuple[int, ...] | None = field(None, "training patch size per spatial axis; null = the plan's", ge=1)
     batch_size: int | None = field(None, "global batch size (split over the data axis); null = the plan's", ge=1)
     foreground_fraction: float = field(0.33, "fraction of each batch forced to contain foreground", ge=0.0, le=1.0)
-    num_workers: int = field(0, "data loader worker processes (0 = in the main process)", ge=0)
+    num_workers: int | Literal["auto"] = field(
+        "auto", "loader worker processes (0 = in the training process); auto = min(4, cores - 2), 0 below 3 cores", ge=0
+    )
     seed: int = field(0, "seed of the data stream", ge=0)
 
 
@@ -112,6 +114,10 @@ class TrainConfig:
         None, "validation batches per validation, only with val_mode: patches; null = 4 there", ge=1
     )
     deterministic: bool = field(False, "ask XLA for deterministic (slower) GPU kernels")
+    stop_timeout_seconds: int = field(
+        600, "after SIGTERM: seconds to save and exit before the process gives up with an error (a lost peer)", ge=1
+    )
+    prefetch_batches: int = field(2, "batches kept on the device ahead of the step", ge=1)
     loss: LossConfig = field(LossConfig(), "loss terms")
 
 
@@ -140,6 +146,12 @@ class DistributedConfig:
     coordinator_address: str | None = field(None, "host:port of process 0; null = auto-detect (Cloud TPU, SLURM)")
     num_processes: int | None = field(None, "number of processes (with coordinator_address)", ge=1)
     process_id: int | None = field(None, "this process's id (with coordinator_address)", ge=0)
+    heartbeat_timeout_seconds: int = field(
+        100, "seconds without a peer's heartbeat before every process stops with an error (a lost host)", ge=1
+    )
+    shutdown_timeout_seconds: int = field(
+        60, "seconds a finishing (or failing) process waits for its peers at exit before it leaves anyway", ge=1
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +229,14 @@ class RunConfig:
 
 
 def _type_name(tp) -> str:
+    """Readable name of an annotation for messages: ``int or 'auto'``, ``tuple[int, ...]``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

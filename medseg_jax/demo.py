@@ -201,7 +201,7 @@ def run_demo(
     stage("train", t0)
 
     t0 = time.perf_counter()
-    heldout = result["split"]["val"]
+    heldout = result.split["val"]
     images_dir, labels_dir = copy_heldout(dataset, heldout, out / "heldout")
     model, params, plan, run_config = load_run(out / "run")
     predictions = predict_input(
@@ -229,8 +229,8 @@ def run_demo(
         },
         "tumour_detection": evaluation["classes"][tumour]["lesions"],
         "heldout_cases": heldout,
-        "settings": dataclasses.asdict(settings) | {"seed": seed, "train_steps_run": result["step"]},
-        "final_loss": result["final_loss"],
+        "settings": dataclasses.asdict(settings) | {"seed": seed, "train_steps_run": result.step},
+        "final_loss": result.final_loss,
         "seconds": timings | {"total": round(time.perf_counter() - started, 2)},
         "devices": [str(d) for d in jax.devices()],
         "predict_seconds_per_case": [p.get("seconds") for p in predictions],

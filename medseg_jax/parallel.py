@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from medseg_jax.config import MeshConfig
 from medseg_jax.errors import ConfigError
 
 DATA_AXIS = "data"
@@ -32,11 +33,21 @@ def initialize_distributed(distributed_config) -> None:
     c = distributed_config
     if not c.enabled:
         return
+    # A lost host is noticed by the coordination service after this many seconds without its heartbeat;
+    # every other process then stops with an error instead of waiting in a collective forever.
+    heartbeat, shutdown = int(c.heartbeat_timeout_seconds), int(c.shutdown_timeout_seconds)
+    if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "", "none"):
+        # CPU devices of several processes need a collectives library (GPUs and TPUs bring their own)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if c.coordinator_address is None:
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat, shutdown_timeout_seconds=shutdown)
     else:
         jax.distributed.initialize(
-            coordinator_address=c.coordinator_address, num_processes=c.num_processes, process_id=c.process_id
+            coordinator_address=c.coordinator_address,
+            num_processes=c.num_processes,
+            process_id=c.process_id,
+            heartbeat_timeout_seconds=heartbeat,
+            shutdown_timeout_seconds=shutdown,
         )
 
 
@@ -114,3 +125,62 @@ def global_batch(local_batch: dict, shardings: dict) -> dict:
 def is_main_process() -> bool:
     """Only process 0 writes logs, metrics files and reports."""
     return jax.process_index() == 0
+
+
+def local_mesh() -> Mesh:
+    """A data-only mesh over this process's own devices: for work each process does on its own share
+    (whole-case validation), with arrays it can read back without a collective."""
+    return make_mesh(MeshConfig(data=-1, spatial=1), devices=jax.local_devices())
+
+
+def host_local_tree(tree, mesh: Mesh):
+    """``tree``'s global arrays replicated over ``mesh``, a mesh of this process's own devices (for
+    per-process work such as validation). Replicated arrays are copied from a local shard; split ones
+    (FSDP) are gathered from every process, so all processes must call this together then."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    replicated = NamedSharding(mesh, P())
+
+    def local(leaf):
+        if not isinstance(leaf, jax.Array):
+            return leaf
+        if leaf.is_fully_replicated:
+            return jax.device_put(leaf.addressable_data(0), replicated)
+        return jax.device_put(np.asarray(multihost_utils.process_allgather(leaf, tiled=True)), replicated)
+
+    return jax.tree_util.tree_map(local, tree)
+
+
+def gather_from_processes(value) -> np.ndarray:
+    """``(process_count, *shape)``: every process's host value, on every process (all must call it
+    together). int64 values travel as pairs of int32 so that counts larger than 2^31 survive JAX's
+    default 32-bit mode."""
+    value = np.asarray(value)
+    if jax.process_count() == 1:
+        return value[None]
+    from jax.experimental import multihost_utils
+
+    wide = value.dtype == np.int64
+    sent = np.ascontiguousarray(value).view(np.int32) if wide else value
+    gathered = np.asarray(multihost_utils.process_allgather(sent, tiled=False))
+    return np.ascontiguousarray(gathered).view(np.int64) if wide else gathered
+
+
+def sum_over_processes(counts) -> np.ndarray:
+    """The element-wise sum of every process's ``counts`` (int64 on the host)."""
+    return gather_from_processes(np.asarray(counts, dtype=np.int64)).sum(axis=0)
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when ``flag`` is True on any (all must call it at the same point)."""
+    return bool(gather_from_processes(np.asarray([int(flag)], dtype=np.int32)).any())
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches the barrier ``name`` (no-op on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

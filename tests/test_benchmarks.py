@@ -93,7 +93,7 @@ def test_clone_shim_and_scripts_parse_the_same_flags(tmp_path):
     shim = run_from(REPO, "-m", "benchmarks", "--help")
     assert shim.returncode == 0, shim.stderr
     assert shim.stdout.startswith("usage: python -m benchmarks") and "--no-torch" in shim.stdout
-    for script in ("bench_augment.py", "bench_sliding_window.py", "augmentation_effect.py"):
+    for script in ("bench_augment.py", "bench_sliding_window.py", "augmentation_effect.py", "bench_loader.py"):
         result = run_from(tmp_path, str(REPO / "benchmarks" / script), "--help")  # run as a file, anywhere
         assert result.returncode == 0, (script, result.stderr)
         assert "--out" in result.stdout

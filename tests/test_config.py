@@ -19,6 +19,12 @@ def test_yaml_and_overrides(tmp_path):
     assert c.data.patch_size == (32, 48) and c.train.steps == 10
 
 
+def test_loader_workers_default_to_auto_and_take_a_count():
+    assert load_config().data.num_workers == "auto"
+    assert load_config(None, ["data.num_workers=3"]).data.num_workers == 3
+    assert load_config(None, ["data.num_workers=0"]).data.num_workers == 0
+
+
 def test_round_trip_through_yaml(tmp_path):
     c = load_config(None, ["model.strides=[[1,2,2],[2,2,2]]", "model.n_stages=2", "train.ema_decay=0.999"])
     assert c.model.spatial_dims is None  # topology fields stay null until resolved against a plan
@@ -56,6 +62,9 @@ def test_round_trip_through_yaml(tmp_path):
         ("inference.step_size=1.5", "inference.step_size: 1.5 must be <= 1.0"),
         ("train.val_every=0", "train.val_every: 0 must be >= 1"),
         ("mesh.data=-2", "mesh.data: -2 must be >= -1"),
+        ("data.num_workers=-1", "data.num_workers: -1 must be >= 0"),
+        ("data.num_workers=many", "data.num_workers: 'many' is not a valid int or 'auto'"),
+        ("data.num_workers=1.5", "data.num_workers: 1.5 is not a valid int or 'auto'"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

@@ -29,7 +29,7 @@ from medseg_jax.data.intensity import clahe, denoise, normalize_channel
 from medseg_jax.data.plan import check_plan
 from medseg_jax.data.resample import resample_image, resample_label, resample_probabilities
 from medseg_jax.data.volume import Volume, from_ras, to_ras
-from medseg_jax.errors import DataError, MedsegError
+from medseg_jax.errors import ConfigError, DataError, MedsegError
 from medseg_jax.process_pool import map_in_processes
 
 
@@ -229,23 +229,55 @@ def _preprocess_job(case_id: str, image_paths, label_path, plan: dict):
     return case_id, image, label_out, properties
 
 
-def preprocess_dataset(dataset, plan: dict, store, num_workers: int = 1, progress: bool = True) -> dict:
-    """Preprocess every case of ``dataset`` not yet in ``store`` (resumable); returns a summary dict.
+def check_shard(index: int, count: int) -> None:
+    """A shard is ``INDEX/COUNT`` with ``0 <= INDEX < COUNT``: refuse anything else before any work."""
+    if isinstance(index, bool) or isinstance(count, bool) or not isinstance(index, int) or not isinstance(count, int):
+        raise ConfigError(f"shard {index!r}/{count!r}: INDEX and COUNT must be integers")
+    if count < 1 or not 0 <= index < count:
+        raise ConfigError(f"shard {index}/{count}: needs COUNT >= 1 and 0 <= INDEX < COUNT (e.g. 0/4 ... 3/4)")
+
+
+def shard_cases(cases: Sequence, index: int, count: int) -> list:
+    """The cases of shard ``index`` of ``count``: every ``count``-th by position in case-id order.
+
+    Sorting first makes the split the same on every host whatever order each listed the dataset in,
+    and the shards are disjoint and together cover every case.
+    """
+    check_shard(index, count)
+    ordered = sorted(cases, key=lambda case: case.case_id)
+    return ordered[index::count]
+
+
+def preprocess_dataset(
+    dataset, plan: dict, store, num_workers: int = 1, progress: bool = True, shard: tuple[int, int] = (0, 1)
+) -> dict:
+    """Preprocess the cases of ``dataset`` (of one shard) not yet in ``store`` (resumable); returns a summary.
 
     ``store`` is a :class:`~medseg_jax.data.store.CaseStore`. The plan is recorded in it first
-    (:meth:`~medseg_jax.data.store.CaseStore.write_plan`, which refuses a store made with another plan).
-    Workers only compute, the calling process writes, so each case is written whole or not at all. With
-    ``num_workers > 1`` cases run in worker processes (:func:`medseg_jax.process_pool.map_in_processes`).
-    A failing case raises ``DataError`` naming it and its files (after the cases already in flight are
-    written); run again to resume. Summary: ``{"written": n, "skipped": n, "seconds": s}``.
+    (:meth:`~medseg_jax.data.store.CaseStore.write_plan`, which refuses a store made with another plan,
+    and lets several processes record the same plan at once). Workers only compute, the calling process
+    writes, so each case is written whole or not at all. With ``num_workers > 1`` cases run in worker
+    processes (:func:`medseg_jax.process_pool.map_in_processes`). A failing case raises ``DataError``
+    naming it and its files (after the cases already in flight are written); run again to resume.
+
+    ``shard = (INDEX, COUNT)`` preprocesses only :func:`shard_cases` ``(cases, INDEX, COUNT)``, so
+    COUNT processes (hosts, SLURM array tasks) share a dataset, each with its own INDEX. An unsharded
+    run (COUNT 1) that ends with every case present also writes the store's index
+    (:meth:`~medseg_jax.data.store.CaseStore.finalize`); sharded runs leave that to ``preprocess
+    --finalize`` once all shards are done, as no shard knows when the others finish.
+
+    Summary: ``{"written": n, "skipped": n, "seconds": s, "cases": cases of this shard,
+    "indexed": whether the index was written}``.
     """
     from tqdm.auto import tqdm
 
     check_plan(plan)
+    index, count = shard
+    mine = shard_cases(dataset.cases, index, count)  # checks the shard before anything is written
     started = time.perf_counter()
     store.write_plan(plan)  # before any case: a resumed store can then refuse another plan
-    todo = [c for c in dataset.cases if not store.has_case(c.case_id)]
-    skipped = len(dataset.cases) - len(todo)
+    missing = set(store.missing_cases([c.case_id for c in mine]))
+    todo = [c for c in mine if c.case_id in missing]
     jobs = [
         (c.case_id, [str(p) for p in c.image_paths], None if c.label_path is None else str(c.label_path), plan)
         for c in todo
@@ -256,4 +288,13 @@ def preprocess_dataset(dataset, plan: dict, store, num_workers: int = 1, progres
             store.write_case(*result)
             written += 1
             bar.update(1)
-    return {"written": written, "skipped": skipped, "seconds": round(time.perf_counter() - started, 3)}
+    indexed = count == 1
+    if indexed:
+        store.finalize([c.case_id for c in dataset.cases], plan)
+    return {
+        "written": written,
+        "skipped": len(mine) - len(todo),
+        "seconds": round(time.perf_counter() - started, 3),
+        "cases": len(mine),
+        "indexed": indexed,
+    }

@@ -1,55 +1,59 @@
 """The training loop: the same code on a laptop CPU, a multi-GPU box and a TPU pod.
 
-``train(config, store_dir, run_dir, fold)``: builds the mesh and the sharded, jitted step, restores
-the newest readable checkpoint of ``run_dir`` if there is one (state, rng, learning-rate position and
-data stream: a resumed run ends with the same parameters as an uninterrupted one), then steps with a
-progress bar, appends metrics to ``metrics.jsonl``, validates every ``val_every`` steps (Dice on the
-fold's whole validation cases by sliding window, or on patches, and nnU-Net's pseudo-Dice EMA), redraws
-``training_curve.png``, checkpoints every ``checkpoint_every`` steps and at the end. SIGTERM / SIGINT save a
-checkpoint and return cleanly; a non-finite loss stops with the step number (or is skipped, by config).
+``train(config, store_dir, run_dir, fold)`` resolves the run (:mod:`medseg_jax.train.setup`), builds the
+mesh and the sharded, jitted step, restores the newest readable checkpoint of ``run_dir`` if there is one
+(state, rng, learning-rate position and data stream: a resumed run ends with the same parameters as an
+uninterrupted one), then runs the lean step loop: take a batch that is already on the device, launch the
+step, load and transfer the next batch while the device computes, and read the *previous* step's metrics.
+The hooks (:mod:`medseg_jax.train.hooks`) run at their intervals: metrics (``metrics.jsonl``,
+TensorBoard, ``log.txt``), validation, checkpoints, and the stop request that SIGTERM / SIGINT make
+(agreed by every process, saved, then a clean return). A non-finite loss stops with the step number (or
+is skipped, by config).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
-import signal
-import threading
-import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from medseg_jax import checkpoint, parallel
 from medseg_jax.atomic import json_safe, write_json_atomic, write_text_atomic
 from medseg_jax.config import to_dict
-from medseg_jax.errors import TrainingError
-from medseg_jax.metrics.overlap import binary_tp_fp_fn, dice_iou_from_counts
-from medseg_jax.train import setup
+from medseg_jax.errors import ConfigError
+from medseg_jax.train import hooks, setup
 from medseg_jax.train.optim import make_lr_schedule, make_optimizer
+from medseg_jax.train.prefetch import DevicePrefetcher
 from medseg_jax.train.state import create_train_state
 from medseg_jax.train.step import jit_train_step, make_eval_step, make_train_step
 
-PSEUDO_DICE_MOMENTUM = 0.9  # nnU-Net's EMA of the mean foreground Dice across validations
-VALIDATION_SEED = 12345  # validation draws the same patches every time, so values are comparable
+# Kept importable from here: callers and tests use these names.
+PSEUDO_DICE_MOMENTUM = hooks.PSEUDO_DICE_MOMENTUM
+VALIDATION_LABELS = hooks.VALIDATION_LABELS
+dice_summary = hooks.dice_summary
 
 
-@contextlib.contextmanager
-def stop_requests():
-    """A ``threading.Event`` set by SIGTERM / SIGINT while the block runs (main thread only)."""
-    event = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield event
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    for sig in previous:
-        signal.signal(sig, lambda signum, frame: event.set())
-    try:
-        yield event
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What a call of :func:`train` did (also written to ``RUN/summary.json``)."""
+
+    run_dir: Path
+    fold: int
+    step: int
+    steps: int
+    stopped_early: bool
+    final_loss: float | None
+    pseudo_dice: float | None
+    seconds: float
+    mesh: dict
+    split: dict
+
+    def summary(self) -> dict:
+        fields = dataclasses.asdict(self)
+        return {k: str(v) if isinstance(v, Path) else v for k, v in fields.items() if k != "split"}
 
 
 def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
@@ -65,51 +69,6 @@ def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
         if up_to_step is None or entry.get("step", 0) <= up_to_step:
             entries.append(entry)
     return entries
-
-
-def validate(eval_fn, params, batches, shardings) -> dict:
-    """Patch-level validation over ``batches``: mean loss and per-class Dice from summed counts."""
-    totals, losses = None, []
-    for local in batches:
-        out = jax.device_get(eval_fn(params, parallel.global_batch(local, shardings)))
-        counts = np.stack([out["tp"], out["fp"], out["fn"]])
-        totals = counts if totals is None else totals + counts
-        losses.append(float(out["loss"]))
-    assert totals is not None, "validate needs at least one batch"  # val_batches >= 1 (config bound)
-    return {"val_loss": float(np.mean(losses)), **dice_summary(totals)}
-
-
-def dice_summary(totals: np.ndarray) -> dict:
-    """Per-class Dice from summed ``(tp, fp, fn)`` counts (None where a class is absent from both) and
-    their mean over the foreground classes (0 when none is present): one validation's result."""
-    dice = dice_iou_from_counts(*totals)[0]
-    return {
-        "val_dice_per_class": [None if np.isnan(d) else float(d) for d in dice],
-        "val_dice": float(np.nanmean(dice[1:])) if np.any(~np.isnan(dice[1:])) else 0.0,
-    }
-
-
-def validate_cases(model, params, plan: dict, config, store, case_ids, mesh) -> dict:
-    """Whole-case validation: sliding window (no mirroring, windows accumulated on the host so one
-    program serves every case shape) on each preprocessed validation case; Dice per class from the
-    counts pooled over the cases."""
-    import dataclasses
-
-    from medseg_jax.inference.predict import Predictor
-
-    inference = dataclasses.replace(config.inference, mirror_axes=())
-    predictor = Predictor(model, params, plan, inference, accumulate="host", mesh=mesh)
-    num_classes = int(plan["num_classes"])
-    totals = np.zeros((3, num_classes))
-    for case_id in case_ids:
-        image, label = store.read_case(case_id)
-        prediction = np.argmax(predictor.probabilities(image), axis=0)
-        for k in range(num_classes):
-            totals[:, k] += binary_tp_fp_fn(prediction == k, label == k)
-    return dice_summary(totals)
-
-
-VALIDATION_LABELS = {"sliding_window": "validation Dice (whole cases)", "patches": "validation Dice (patches)"}
 
 
 def plot_curves(run_dir: Path, entries: list[dict], val_mode: str) -> None:
@@ -142,9 +101,20 @@ def augmentation(run: setup.ResolvedRun):
 
 
 def train(
-    config, store_dir, run_dir, fold: int = 0, resume: bool = True, progress: bool = True, log=lambda message: None
-) -> dict:
-    """Train on fold ``fold`` of the store; returns a summary dict (also written to ``summary.json``)."""
+    config,
+    store_dir,
+    run_dir,
+    fold: int = 0,
+    resume: bool = True,
+    progress: bool = True,
+    log=lambda message: None,
+    transfer_guard: str | None = None,
+) -> TrainResult:
+    """Train on fold ``fold`` of the store.
+
+    ``transfer_guard`` (e.g. ``"disallow"``) runs every step under ``jax.transfer_guard``: a hidden
+    host/device transfer in the step loop is then an error (tests use it; the hooks run outside it).
+    """
     from tqdm.auto import tqdm
 
     from medseg_jax.data.loader import make_train_loader
@@ -164,13 +134,9 @@ def train(
     model = build_unet(config.model)
     mesh = parallel.make_mesh(config.mesh)
     optimizer, schedule = make_optimizer(config.train), make_lr_schedule(config.train)
-    init = lambda key: create_train_state(
-        model,
-        optimizer,
-        key,
-        jax.numpy.zeros(setup.sample_input_shape(run)),
-        use_ema=config.train.ema_decay is not None,
-    )
+    sample = setup.sample_input_shape(run)
+    use_ema = config.train.ema_decay is not None
+    init = lambda key: create_train_state(model, optimizer, key, jax.numpy.zeros(sample), use_ema=use_ema)
     abstract = jax.eval_shape(init, jax.random.key(config.train.seed))
     state_shardings = parallel.state_shardings(mesh, abstract, config.mesh.fsdp_min_size)
     batch_shardings = parallel.batch_shardings(mesh, config.model.spatial_dims)
@@ -196,23 +162,27 @@ def train(
         log(f"resuming from step {step0} ({run_dir / 'checkpoints'})")
     else:
         state = jax.jit(init, out_shardings=state_shardings)(jax.random.key(config.train.seed))
-    start = int(state.step)
+    start = int(jax.device_get(state.step))
+    if start > config.train.steps:
+        raise ConfigError(
+            f"train.steps={config.train.steps} is below step {start} of the checkpoint in {run_dir / 'checkpoints'}: "
+            "a run can be trained longer, not shortened"
+        )
 
-    per_host_batch = run.per_process_batch
     augment_fn, batch_transform = augmentation(run)
+    loader_options = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
     loader = iter(
         make_train_loader(
             store,
             split["train"],
             run.patch_size,
-            per_host_batch,
+            run.per_process_batch,  # this process's rows of every global batch
             config.data.foreground_fraction,
             seed=config.data.seed,
             num_workers=config.data.num_workers,
-            shard_index=jax.process_index(),
-            shard_count=jax.process_count(),
             crop_size=run.crop_size,
             batch_transform=batch_transform,
+            **loader_options,
         )
     )
     if data_state is not None:
@@ -231,6 +201,23 @@ def train(
     )
     eval_fn = jax.jit(make_eval_step(model, config.train.loss), in_shardings=(state_shardings.params, batch_shardings))
 
+    def validation_batches():
+        batches = iter(
+            make_train_loader(
+                store,
+                split["val"],
+                run.patch_size,
+                run.per_process_batch,
+                config.data.foreground_fraction,
+                seed=hooks.VALIDATION_SEED,
+                **loader_options,
+            )
+        )
+        return (next(batches) for _ in range(config.train.val_batches or 0))
+
+    validator = hooks.Validator(
+        model, plan, config, store, split["val"], mesh, eval_fn, batch_shardings, validation_batches
+    )
     metrics_path = run_dir / "metrics.jsonl"
     entries = read_metrics(metrics_path, up_to_step=start)
     if main:  # drop lines logged after the checkpoint we resumed from: they will be logged again
@@ -239,110 +226,78 @@ def train(
     def meta() -> dict:
         return {"config": to_dict(config), "plan": plan, "fold": fold, "pseudo_dice": pseudo_dice}
 
-    last_saved = start if restored is not None else None
-
-    def save(step: int, val_dice=None):
-        nonlocal last_saved
-        if step != last_saved:
-            checkpoint.save(manager, step, state, loader.get_state(), meta(), val_dice=val_dice)
-            last_saved = step
-
-    def append(entry: dict):
-        entries.append(entry)
-        if main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-
-    steps, stopped, started = config.train.steps, False, time.perf_counter()
+    checkpointer = hooks.Checkpointer(manager, meta, last_saved=start if restored is not None else None)
+    steps, stopped = config.train.steps, False
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not (progress and main))
-    with stop_requests() as stop_requested:
-        for step in range(start, steps):
-            state, metrics = step_fn(state, parallel.global_batch(next(loader), batch_shardings))
-            metrics = jax.device_get(metrics)
-            done = step + 1
-            if not bool(metrics["finite"]):
-                if config.train.nan_policy == "stop":
-                    bar.close()
-                    manager.wait_until_finished()
-                    raise TrainingError(
-                        f"non-finite loss ({float(metrics['loss'])}) at step {step}; stopped without saving, the "
-                        f"last good checkpoint in {run_dir / 'checkpoints'} is intact. Lower train.learning_rate, "
-                        "check the input intensities, or set train.nan_policy=skip"
+    metrics_log = hooks.MetricsLog(run_dir, config, plan, entries, start, bar, log, main)
+    prefetcher = DevicePrefetcher(
+        loader, lambda batch: parallel.global_batch(batch, batch_shardings), depth=config.train.prefetch_batches
+    )
+    guard = (lambda: jax.transfer_guard(transfer_guard)) if transfer_guard else contextlib.nullcontext
+    try:
+        with hooks.StopRequests(config.train.stop_timeout_seconds, log) as stops:
+            if start < steps:
+                prefetcher.fill()
+            for step in range(start, steps):
+                done = step + 1
+                with guard():  # the lean loop: launch, prefetch, read the previous step's metrics
+                    state, device_metrics = step_fn(state, prefetcher.take())
+                    if done < steps:
+                        prefetcher.fill()
+                    metrics_log.push(done, device_metrics)
+                val_dice = None
+                if split["val"] and (done % config.train.val_every == 0 or done == steps):
+                    metrics_log.flush()  # the step's own metrics (and its finiteness) before validating it
+                    validation = validator(state.params)
+                    pseudo_dice = (
+                        validation["val_dice"]
+                        if pseudo_dice is None
+                        else PSEUDO_DICE_MOMENTUM * pseudo_dice + (1 - PSEUDO_DICE_MOMENTUM) * validation["val_dice"]
                     )
-                log(f"warning: non-finite loss at step {step}; update skipped")
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", lr=f"{float(metrics['learning_rate']):.2e}")
-            if done % config.train.log_every == 0 or done == steps:
-                append(
-                    {
-                        "step": done,
-                        "loss": float(metrics["loss"]),
-                        "learning_rate": float(metrics["learning_rate"]),
-                        "grad_norm": float(metrics["grad_norm"]),
-                        "seconds": round(time.perf_counter() - started, 3),
-                    }
-                )
-            val_dice = None
-            if split["val"] and (done % config.train.val_every == 0 or done == steps):
-                if config.train.val_mode == "sliding_window":
-                    result = validate_cases(model, state.params, plan, config, store, split["val"], mesh)
-                else:
-                    val_batches = iter(
-                        make_train_loader(
-                            store,
-                            split["val"],
-                            config.data.patch_size,
-                            per_host_batch,
-                            config.data.foreground_fraction,
-                            seed=VALIDATION_SEED,
-                            shard_index=jax.process_index(),
-                            shard_count=jax.process_count(),
-                        )
-                    )
-                    result = validate(
-                        eval_fn,
-                        state.params,
-                        (next(val_batches) for _ in range(config.train.val_batches)),
-                        batch_shardings,
-                    )
-                pseudo_dice = (
-                    result["val_dice"]
-                    if pseudo_dice is None
-                    else (PSEUDO_DICE_MOMENTUM * pseudo_dice + (1 - PSEUDO_DICE_MOMENTUM) * result["val_dice"])
-                )
-                val_dice = pseudo_dice
-                append({"step": done, **result, "pseudo_dice": pseudo_dice})
-                if main:
-                    plot_curves(run_dir, entries, config.train.val_mode)
-            if done % config.train.checkpoint_every == 0 or done == steps or val_dice is not None:
-                save(done, val_dice)
-            if stop_requested.is_set() and done < steps:
-                save(done)
-                stopped = True
-                break
+                    val_dice = pseudo_dice
+                    metrics_log.validation(done, validation, pseudo_dice)
+                    if main:
+                        plot_curves(run_dir, entries, config.train.val_mode)
+                if done % config.train.checkpoint_every == 0 or done == steps or val_dice is not None:
+                    metrics_log.flush()  # never checkpoint a step whose loss is not known to be finite
+                    checkpointer.save(done, state, prefetcher.consumed_state, val_dice)
+                if done < steps and stops.agreed(done, config.train.log_every):
+                    metrics_log.flush()
+                    checkpointer.save(done, state, prefetcher.consumed_state)
+                    stopped = True
+                    break
+            metrics_log.flush()
+    except BaseException:
+        bar.close()
+        metrics_log.close()
+        checkpointer.abandon()
+        loader.close()
+        raise
     bar.close()
-    manager.wait_until_finished()
-    manager.close()
+    metrics_log.close()
+    checkpointer.finish()
+    loader.close()
     if main:
         plot_curves(run_dir, entries, config.train.val_mode)
-    final = int(state.step)
+    final = int(jax.device_get(state.step))
     losses = [e["loss"] for e in entries if "loss" in e]
-    summary = {
-        "run_dir": str(run_dir),
-        "fold": fold,
-        "step": final,
-        "steps": steps,
-        "stopped_early": stopped,
-        "final_loss": losses[-1] if losses else None,
-        "pseudo_dice": pseudo_dice,
-        "seconds": round(time.perf_counter() - started, 2),
-        "mesh": dict(mesh.shape),
-    }
+    result = TrainResult(
+        run_dir=run_dir,
+        fold=fold,
+        step=final,
+        steps=steps,
+        stopped_early=stopped,
+        final_loss=losses[-1] if losses else None,
+        pseudo_dice=pseudo_dice,
+        seconds=round(metrics_log.seconds(), 2),
+        mesh=dict(mesh.shape),
+        split=split,
+    )
     if main:
-        write_json_atomic(run_dir / "summary.json", json_safe(summary))  # a skipped NaN loss -> null
+        write_json_atomic(run_dir / "summary.json", json_safe(result.summary()))
     if stopped:
         log(
             f"stopped at step {final} of {steps} on request; checkpoint saved. Resume with the same command "
             f"(it continues from {run_dir / 'checkpoints'})."
         )
-    return summary | {"state": state, "model": model, "config": config, "plan": plan, "split": split}
+    return result

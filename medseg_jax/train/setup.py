@@ -245,19 +245,18 @@ def resolve_run(
 def store_fold(store, fold: int, n_folds: int = 5) -> dict[str, list[str]]:
     """Fold ``fold`` of ``STORE/splits.json`` (made from the store's cases with nnU-Net's k-fold rule,
     the same folds as the raw dataset's, if absent); ``fold = -1`` trains on every case ("all")."""
-    from medseg_jax.data.splits import make_splits, read_json
+    from medseg_jax.data.splits import make_splits
 
     case_ids = store.case_ids()
     if not case_ids:
         raise DataError(f"{store.path}: the store holds no cases")
     if fold == -1:
         return {"train": case_ids, "val": []}
-    path = Path(store.path) / SPLITS_NAME
-    if path.is_file():
-        splits = read_json(path)
-    else:
+    path = store.location(SPLITS_NAME)  # a file, or a key in a bucket: read and written through the store
+    splits = store.read_json(SPLITS_NAME)
+    if splits is None:
         splits = make_splits(case_ids, n_folds=n_folds)
-        write_json_atomic(path, splits)
+        store.write_json(SPLITS_NAME, splits)
     if not 0 <= fold < len(splits):
         raise ConfigError(f"fold {fold} does not exist: {path} has folds 0..{len(splits) - 1} (or -1 for all cases)")
     unknown = sorted(set(splits[fold]["train"] + splits[fold]["val"]) - set(case_ids))
@@ -330,7 +329,9 @@ def check_compatible(saved_meta: dict, config, run_dir: Path) -> None:
             f"{run_dir}: the checkpoint was trained with a different model config "
             f"({', '.join('model.' + k for k in changed)}); use a new --out folder to start a new run"
         )
-    for key in ("optimizer", "steps"):
+    # train.steps may change (a finished run can be trained longer): the loop checks it against the
+    # checkpoint's step, and the learning-rate schedule follows the new total from there.
+    for key in ("optimizer",):
         if saved.get("train", {}).get(key) != now["train"][key]:
             raise ConfigError(
                 f"{run_dir}: the checkpoint has train.{key}={saved.get('train', {}).get(key)!r}, "

@@ -7,10 +7,14 @@ import numpy as np
 import pytest
 
 from medseg_jax.data.loader import (
+    _mark_absl_flags_parsed,
+    batches_taken,
     foreground_patch_start,
+    host_element_index,
     is_foreground_forced,
     make_train_loader,
     patch_start_bounds,
+    resolve_num_workers,
 )
 from medseg_jax.data.store import CaseStore
 from medseg_jax.errors import DataError
@@ -190,18 +194,110 @@ def test_crop_is_centred_on_the_patch_window_and_holds_forced_foreground(store):
         assert (b["label"][(2, *centre)] > 0).any()  # the forced sample's foreground is in the window
 
 
-def test_batch_transform_runs_per_batch_deterministically(store):
-    def shift(rng, batch):
-        return {"image": batch["image"] + rng.integers(1, 1000), "label": batch["label"]}
-
-    a = take(make_train_loader(store, CASES, (8, 8, 8), 2, seed=1, batch_transform=shift), 4)
-    b = take(make_train_loader(store, CASES, (8, 8, 8), 2, seed=1, batch_transform=shift), 4)
+def test_batch_transform_runs_per_sample_deterministically(store):
+    a = take(make_train_loader(store, CASES, (8, 8, 8), 2, seed=1, batch_transform=shift_by_random_offset), 4)
+    b = take(make_train_loader(store, CASES, (8, 8, 8), 2, seed=1, batch_transform=shift_by_random_offset), 4)
     plain = take(make_train_loader(store, CASES, (8, 8, 8), 2, seed=1), 4)
     assert_same_batches(a, b)
-    offsets = [float(x["image"][0, 0, 0, 0, 0] - y["image"][0, 0, 0, 0, 0]) for x, y in zip(a, plain)]
-    assert all(o >= 1 for o in offsets) and len(set(offsets)) > 1
+    offsets = [float(x["image"][i].min() - y["image"][i].min()) for x, y in zip(a, plain) for i in range(2)]
+    # each sample gets its own generator: offsets differ between the rows of a batch too
+    assert all(o >= 1 for o in offsets) and len(set(offsets)) == len(offsets)
 
 
 def test_crop_smaller_than_patch_is_refused(store):
     with pytest.raises(DataError, match="crop size"):
         make_train_loader(store, CASES, (8, 8, 8), 2, crop_size=(6, 8, 8))
+
+
+def shift_by_random_offset(rng, batch):
+    """A CPU-side batch transform whose effect shows which generator it got."""
+    return {"image": batch["image"] + rng.integers(1, 1000), "label": batch["label"]}
+
+
+def host_elements(batch_size, shard_index, shard_count, n):
+    return [host_element_index(i, batch_size, shard_index, shard_count) for i in range(n)]
+
+
+def test_hosts_hold_consecutive_rows_of_each_global_batch():
+    # global batch 4 over 2 hosts: host 0 rows 0-1, host 1 rows 2-3 of every global batch
+    assert host_elements(2, 0, 2, 6) == [0, 1, 4, 5, 8, 9]
+    assert host_elements(2, 1, 2, 6) == [2, 3, 6, 7, 10, 11]
+    assert host_elements(1, 3, 4, 3) == [3, 7, 11]
+    assert host_elements(4, 0, 1, 6) == list(range(6))
+
+
+@pytest.mark.parametrize("transform", [None, shift_by_random_offset])
+def test_global_batches_do_not_depend_on_the_process_count(store, transform):
+    # Three cases and a global batch of 4, so global batches straddle epoch boundaries.
+    cases, global_batch, n = CASES[:3], 4, 6
+    args = {"foreground_fraction": 0.33, "seed": 11, "batch_transform": transform}
+    single = take(make_train_loader(store, cases, (8, 8, 8), global_batch, **args), n)
+    for count in (2, 4):
+        per_host = global_batch // count
+        hosts = [
+            take(make_train_loader(store, cases, (8, 8, 8), per_host, **args, shard_index=k, shard_count=count), n)
+            for k in range(count)
+        ]
+        joined = [
+            {key: np.concatenate([host[b][key] for host in hosts]) for key in ("image", "label")} for b in range(n)
+        ]
+        assert_same_batches(joined, single)
+    # nnU-Net's rule on the global batch: its last row (round(4 * 0.67) = 3) always holds foreground,
+    # also where it is the only row of host 3 of 4
+    assert all(batch["label"][3].any() for batch in single)
+    # every case appears in each epoch of 3 elements (shuffled per epoch, not per host)
+    stream = [int(batch["image"][i].min()) for batch in single for i in range(global_batch)]
+    if transform is None:
+        assert all(sorted(stream[e : e + 3]) == [1, 2, 3] for e in range(0, len(stream) - 2, 3))
+
+
+def test_state_restores_with_worker_processes_and_across_worker_counts(store):
+    _mark_absl_flags_parsed()
+    reference = take(make_train_loader(store, CASES, (8, 8, 8), 2, seed=5), 7)
+    iterator = iter(make_train_loader(store, CASES, (8, 8, 8), 2, seed=5, num_workers=1))
+    assert_same_batches([next(iterator) for _ in range(3)], reference[:3])
+    state = json.loads(json.dumps(iterator.get_state()))
+    iterator.close()
+    for workers in (1, 0):  # the state does not tie a checkpoint to a worker count
+        resumed = iter(make_train_loader(store, CASES, (8, 8, 8), 2, seed=5, num_workers=workers))
+        resumed.set_state(state)
+        assert_same_batches([next(resumed) for _ in range(4)], reference[3:])
+        resumed.close()
+
+
+def test_state_of_one_host_restores_mid_stream(store):
+    shard = {"shard_index": 1, "shard_count": 2, "seed": 6}
+    reference = take(make_train_loader(store, CASES, (8, 8, 8), 1, **shard), 6)
+    iterator = iter(make_train_loader(store, CASES, (8, 8, 8), 1, **shard))
+    for _ in range(4):
+        next(iterator)
+    iterator.set_state({"next_index": 2})  # back to an earlier position of a running iterator
+    assert_same_batches([next(iterator) for _ in range(4)], reference[2:])
+
+
+def test_iterator_states_of_grain_worker_processes_still_restore():
+    # Earlier versions saved grain's own state, which for worker processes is one state per worker.
+    _mark_absl_flags_parsed()
+    dataset = grain.MapDataset.range(1000).batch(2).to_iter_dataset()
+    iterator = iter(dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=2)))
+    for taken in range(5):
+        assert batches_taken(iterator.get_state()) == taken
+        next(iterator)
+    iterator.close()
+    with pytest.raises(DataError, match="unrecognised iterator state"):
+        batches_taken({"position": 3})
+
+
+@pytest.mark.parametrize("cpus, workers", [(1, 0), (2, 0), (3, 1), (4, 2), (6, 4), (96, 4)])
+def test_auto_workers_leave_two_cores_to_training(cpus, workers):
+    assert resolve_num_workers("auto", cpu_count=cpus) == workers
+
+
+def test_worker_count_given_is_kept_and_a_bad_one_refused(store):
+    assert resolve_num_workers(3, cpu_count=2) == 3 and resolve_num_workers(0) == 0
+    assert resolve_num_workers("auto") >= 0  # this machine's cores
+    for bad in (-1, "many", 1.5, True):
+        with pytest.raises(DataError, match="num_workers must be an integer >= 0 or 'auto'"):
+            resolve_num_workers(bad)
+    with pytest.raises(DataError, match="num_workers"):
+        make_train_loader(store, CASES, (8, 8, 8), 2, num_workers=-2)

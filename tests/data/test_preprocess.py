@@ -12,7 +12,7 @@ from medseg_jax.data.intensity import clahe, denoise, normalize_channel
 from medseg_jax.data.plan import make_plan
 from medseg_jax.data.preprocess import preprocess_case, preprocess_dataset, restore_geometry
 from medseg_jax.data.volume import Volume
-from medseg_jax.errors import DataError
+from medseg_jax.errors import ConfigError, DataError
 
 
 def _plan(target_spacing, channel_names=("CT",), dim=3, **options):
@@ -263,6 +263,8 @@ def test_preprocess_dataset_writes_and_resumes(tmp_path):
     restored = restore_geometry(stored_label.astype(np.uint8), properties)
     assert restored.shape == label.shape and np.allclose(restored.affine, label.affine)
     assert _dice(restored.array == 1, label.array == 1) >= 0.95
+    # an unsharded run that completes the dataset writes the store's index itself
+    assert summary["indexed"] and sorted(store.read_index()["cases"]) == [c.case_id for c in dataset.cases]
     again = preprocess_dataset(dataset, plan, store, num_workers=2, progress=False)
     assert again["written"] == 0 and again["skipped"] == 3
 
@@ -300,6 +302,111 @@ def test_preprocess_dataset_in_workers_stops_at_a_broken_case(tmp_path):
     assert not store.has_case(broken.case_id)
     summary = preprocess_dataset(dataset, plan, store, progress=False)
     assert summary["written"] == 1 and summary["skipped"] == 2 and store.has_case(broken.case_id)
+
+
+def _preprocess_command(dataset, store, *extra):
+    return ["preprocess", str(dataset.root), "--plan", str(dataset.root / "plan.json"), "--out", str(store), *extra]
+
+
+def _synthetic_with_plan_file(tmp_path, num_cases):
+    from medseg_jax.data.plan import write_plan
+
+    dataset, plan = _synthetic(tmp_path, num_cases=num_cases)
+    write_plan(plan, dataset.root / "plan.json")
+    return dataset, plan
+
+
+@pytest.mark.parametrize("kind", ["file", "memory"])
+def test_shards_from_the_command_line_then_finalize(tmp_path, capsys, kind):
+    """Two shards preprocess disjoint halves into one store; --finalize fails naming the missing cases
+    until both are done, then writes the index."""
+    import uuid
+
+    from medseg_jax.cli import main
+    from medseg_jax.data.store import CaseStore
+
+    dataset, _ = _synthetic_with_plan_file(tmp_path, num_cases=5)
+    store_location = tmp_path / "store" if kind == "file" else f"memory://shards-{uuid.uuid4().hex}"
+    ids = sorted(c.case_id for c in dataset.cases)
+    assert main(_preprocess_command(dataset, store_location, "--shard", "1/2", "--quiet")) == 0
+    out = capsys.readouterr().out
+    assert "preprocessed 2 case(s)" in out and "shard 1/2: 2 of 5 case(s)" in out and "--finalize" in out
+    store = CaseStore(store_location)
+    assert store.case_ids() == ids[1::2] and store.read_index() is None
+
+    assert main(_preprocess_command(dataset, store_location, "--finalize")) == 2
+    error = capsys.readouterr().err
+    assert f"3 of 5 case(s) not preprocessed yet: {', '.join(ids[0::2])}" in error
+    assert store.read_index() is None
+
+    assert main(_preprocess_command(dataset, store_location, "--shard", "0/2", "--quiet")) == 0
+    assert "preprocessed 3 case(s), skipped 0" in capsys.readouterr().out
+    # a rerun of a shard skips what it already wrote
+    assert main(_preprocess_command(dataset, store_location, "--shard", "0/2", "--quiet")) == 0
+    assert "preprocessed 0 case(s), skipped 3" in capsys.readouterr().out
+    assert store.read_index() is None  # shards do not index: none knows when the others end
+
+    assert main(["preprocess", str(dataset.root), "--out", str(store_location), "--finalize"]) == 0
+    assert "all 5 case(s) are in" in capsys.readouterr().out
+    index = CaseStore(store_location).read_index()
+    assert sorted(index["cases"]) == ids and CaseStore(store_location).case_ids() == ids
+    assert all(index["cases"][c]["channels"] == 1 for c in ids)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--shard", "3/2"], "0 <= INDEX < COUNT"),
+        (["--shard", "2/2"], "0 <= INDEX < COUNT"),
+        (["--shard", "0/0"], "COUNT >= 1"),
+        (["--shard", "a/b"], "is not INDEX/COUNT"),
+        (["--shard", "-1/2"], "is not INDEX/COUNT"),
+        (["--shard", "1/2/3"], "is not INDEX/COUNT"),
+        (["--shard", "1"], "is not INDEX/COUNT"),
+    ],
+)
+def test_bad_shard_is_refused_before_anything_is_written(tmp_path, capsys, extra, message):
+    from medseg_jax.cli import main
+
+    dataset, _ = _synthetic_with_plan_file(tmp_path, num_cases=2)
+    with pytest.raises(SystemExit) as info:
+        main(_preprocess_command(dataset, tmp_path / "store", *extra))
+    assert info.value.code == 2
+    assert "--shard" in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()
+
+
+def test_finalize_and_plan_rules_of_the_command(tmp_path, capsys):
+    from medseg_jax.cli import main
+
+    dataset, _ = _synthetic_with_plan_file(tmp_path, num_cases=2)
+    store = tmp_path / "store"
+    assert main(_preprocess_command(dataset, store, "--shard", "0/2", "--finalize")) == 2
+    assert "without --shard" in capsys.readouterr().err
+    assert main(["preprocess", str(dataset.root), "--out", str(store), "--quiet"]) == 2
+    assert "preprocess needs --plan" in capsys.readouterr().err
+    assert main(["preprocess", str(dataset.root), "--out", str(store), "--finalize"]) == 2
+    assert "the store has no plan" in capsys.readouterr().err
+    assert not store.exists()
+    assert main(_preprocess_command(dataset, store, "--quiet")) == 0
+    capsys.readouterr()
+    other = make_plan(_fingerprint_of(dataset), hu_window=(-100.0, 200.0))
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    command = ["preprocess", str(dataset.root), "--plan", str(tmp_path / "other.json"), "--out", str(store)]
+    assert main([*command, "--finalize"]) == 2
+    assert "preprocessed with another plan" in capsys.readouterr().err
+
+
+def test_shards_split_every_case_once_whatever_the_listing_order(tmp_path):
+    from medseg_jax.data.preprocess import shard_cases
+
+    dataset, _ = _synthetic(tmp_path, num_cases=5)
+    shuffled = list(reversed(dataset.cases))
+    shards = [[c.case_id for c in shard_cases(shuffled, i, 3)] for i in range(3)]
+    assert sorted(sum(shards, [])) == sorted(c.case_id for c in dataset.cases)
+    assert shards == [[c.case_id for c in shard_cases(dataset.cases, i, 3)] for i in range(3)]
+    with pytest.raises(ConfigError, match="0 <= INDEX < COUNT"):
+        shard_cases(dataset.cases, 3, 3)
 
 
 def _fingerprint_of(dataset):

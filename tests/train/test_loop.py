@@ -82,7 +82,7 @@ def uninterrupted(store_dir, tmp_path_factory):
 
 def test_run_folder_contents(uninterrupted):
     run_dir, summary = uninterrupted
-    assert summary["step"] == STEPS and not summary["stopped_early"]
+    assert summary.step == STEPS and not summary.stopped_early
     for name in ("config.yaml", "plan.json", "environment.json", "metrics.jsonl", "training_curve.png", "summary.json"):
         assert (run_dir / name).is_file(), name
     entries = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -99,6 +99,70 @@ def logged(metrics_path: Path) -> int:
     if not metrics_path.is_file():
         return 0
     return sum('"loss"' in line for line in metrics_path.read_text().splitlines())
+
+
+def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files of ``folder`` (TFRecord framing: length, its CRC,
+    the Event protobuf, its CRC), by tag."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_tensorboard_events_and_the_log_file(uninterrupted):
+    run_dir, _ = uninterrupted
+    scalars = tensorboard_scalars(run_dir / "tensorboard")
+    for tag in ("train/loss", "train/learning_rate", "train/grad_norm", "train/seconds_per_step"):
+        assert [step for step, _ in scalars[tag]] == list(range(1, STEPS + 1)), tag
+    losses = [e["loss"] for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in e]
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx(losses, rel=1e-6)
+    for tag in ("val/dice/liver", "val/dice/tumour", "val/pseudo_dice"):
+        assert [step for step, _ in scalars[tag]] == [4, 8], tag
+    lines = (run_dir / "log.txt").read_text().splitlines()
+    validations = [line for line in lines if "val Dice" in line]
+    assert len(validations) == 2 and f"step 4/{STEPS}" in validations[0] and "pseudo-Dice" in validations[0]
+    assert "steps/s" in validations[0] and "ETA" in validations[0] and "liver" in validations[0]
+
+
+def test_the_step_loop_makes_no_hidden_transfers(store_dir, tmp_path):
+    """Under jax.transfer_guard("disallow") every implicit host/device transfer in the step loop is an
+    error; only the explicit batch transfer and the one-step-late metric read remain."""
+    config = load_config(None, [*OVERRIDES, "train.steps=4", "train.val_every=2"])
+    summary = train(config, store_dir, tmp_path / "guarded", progress=False, transfer_guard="disallow")
+    assert summary.step == 4
+
+
+def test_a_finished_run_can_be_trained_longer_but_not_shorter(store_dir, uninterrupted, tmp_path):
+    import shutil
+
+    from medseg_jax.errors import ConfigError
+
+    run_dir = tmp_path / "longer"
+    shutil.copytree(uninterrupted[0], run_dir)
+    with pytest.raises(ConfigError, match=rf"train\.steps=4 is below step {STEPS} of the checkpoint"):
+        train(load_config(None, [*OVERRIDES, "train.steps=4"]), store_dir, run_dir, progress=False)
+    messages = []
+    summary = train(
+        load_config(None, [*OVERRIDES, f"train.steps={STEPS + 2}"]),
+        store_dir,
+        run_dir,
+        progress=False,
+        log=messages.append,
+    )
+    assert summary.step == STEPS + 2 and any(f"resuming from step {STEPS}" in m for m in messages)
+    entries = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in entries if "loss" in e] == list(range(1, STEPS + 3))
 
 
 def test_kill_9_at_random_moments_then_resume_matches_uninterrupted(store_dir, uninterrupted, tmp_path):
@@ -174,7 +238,7 @@ def test_damaged_newest_checkpoint_is_skipped_with_a_warning(store_dir, uninterr
     summary = train(load_config(None, OVERRIDES), store_dir, run_dir, progress=False, log=messages.append)
     assert any(f"checkpoint {STEPS} is unreadable" in m for m in messages), messages
     assert any("resuming from step 6" in m for m in messages), messages
-    assert summary["step"] == STEPS
+    assert summary.step == STEPS
 
 
 def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(store_dir, tmp_path):
@@ -333,7 +397,7 @@ def test_predict_with_a_folder_that_is_not_a_run(tmp_path, capsys):
 def test_cpu_side_augmentation_mode_trains(store_dir, tmp_path):
     config = load_config(None, [*OVERRIDES, "train.steps=2", "train.val_every=2", "augment.mode=cpu"])
     summary = train(config, store_dir, tmp_path / "cpu_aug", progress=False)
-    assert summary["step"] == 2 and np.isfinite(summary["final_loss"])
+    assert summary.step == 2 and np.isfinite(summary.final_loss)
 
 
 def test_patch_validation_mode_validates_on_patches(store_dir, tmp_path):
