@@ -129,7 +129,11 @@ _DAMAGE = re.compile(
     r"Error opening|OUT_OF_RANGE|zstd|blosc|zlib|gzip",
     re.IGNORECASE,
 )
-_NOT_DAMAGE = re.compile(r"RESOURCE_EXHAUSTED|out of memory|DEADLINE_EXCEEDED|UNAVAILABLE|sharding|mesh", re.I)
+_NOT_DAMAGE = re.compile(
+    r"RESOURCE_EXHAUSTED|out of memory|DEADLINE_EXCEEDED|UNAVAILABLE|sharding|mesh|topology|"
+    r"Requested shape|not compatible with the stored",
+    re.IGNORECASE,
+)
 
 
 def is_damage(exc: BaseException) -> bool:

@@ -93,7 +93,13 @@ def test_clone_shim_and_scripts_parse_the_same_flags(tmp_path):
     shim = run_from(REPO, "-m", "benchmarks", "--help")
     assert shim.returncode == 0, shim.stderr
     assert shim.stdout.startswith("usage: python -m benchmarks") and "--no-torch" in shim.stdout
-    for script in ("bench_augment.py", "bench_sliding_window.py", "augmentation_effect.py", "bench_loader.py"):
+    for script in (
+        "bench_augment.py",
+        "bench_sliding_window.py",
+        "augmentation_effect.py",
+        "bench_loader.py",
+        "bench_loop.py",
+    ):
         result = run_from(tmp_path, str(REPO / "benchmarks" / script), "--help")  # run as a file, anywhere
         assert result.returncode == 0, (script, result.stderr)
         assert "--out" in result.stdout
@@ -137,3 +143,15 @@ def test_smoke_run_writes_json_and_markdown(tmp_path):
     text = md_file.read_text()
     assert "| 2D | float32 | train step |" in text and "medseg-jax default" in text
     assert report["results"] == saved["results"]
+
+
+def test_the_loop_benchmark_measures_both_sides(tmp_path):
+    """A tiny run of benchmarks/bench_loop.py: both rates are measured and the ratio is theirs."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_loop.py"
+    out = tmp_path / "loop.json"
+    args = ["--steps", "12", "--skip", "4", "--log-every", "2", "--repeats", "1", "--size", "32", "--out", str(out)]
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["loop_median"] > 0 and result["bare_median"] > 0
+    assert result["ratio"] == result["loop_steps_per_s"][0] / result["bare_steps_per_s"][0]  # one repeat

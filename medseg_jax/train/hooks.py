@@ -2,9 +2,9 @@
 
 - :class:`StopRequests`: SIGTERM / SIGINT become a stop request that every process agrees on; a second
   signal, or a stop that cannot finish within ``train.stop_timeout_seconds`` (a lost peer), exits.
-- :class:`MetricsLog`: reads each step's metrics one step late (the host never waits for the step it
-  just launched), checks they are finite, and writes ``metrics.jsonl``, TensorBoard events and the
-  validation lines of ``log.txt``.
+- :class:`MetricsLog`: reads the steps' metrics in one transfer after each log step, never the step
+  just launched (the host never waits for it), checks every step is finite, and writes
+  ``metrics.jsonl``, TensorBoard events and the validation lines of ``log.txt``.
 - :class:`Validator`: whole-case (sliding window) or patch validation, correct when arrays span
   processes.
 - :class:`Checkpointer`: Orbax saves of the state, the loader position and the run's metadata.
@@ -127,11 +127,14 @@ class StopRequests:
 
 
 class MetricsLog:
-    """Training metrics read one step late, and everything written about them.
+    """Training metrics read late, and everything written about them.
 
-    ``push(step, metrics)`` hands over the device metrics of the step just launched and processes the
-    previous step's (by then finished); ``flush()`` processes the last one. A non-finite loss stops the
-    run naming its step (``train.nan_policy: stop``) or is reported and skipped (``skip``).
+    ``push(step, metrics)`` hands over the device metrics of the step just launched; the pending ones
+    before it are read together once a log step is among them (so the host transfers every
+    ``train.log_every`` steps and never waits for the newest step); ``flush()`` reads all. Every step's
+    finiteness is still checked: a non-finite loss stops the run naming its step
+    (``train.nan_policy: stop``; checkpoints are only written after a flush, so never of such a state)
+    or is reported and skipped (``skip``).
     """
 
     def __init__(self, run_dir: Path, config, plan: dict, entries: list[dict], start: int, bar, log, main: bool):
@@ -145,7 +148,7 @@ class MetricsLog:
         )
         self.steps, self.start = config.train.steps, start
         self.class_names = {int(v): k for k, v in plan.get("labels", {}).items()}
-        self.pending: tuple[int, dict] | None = None
+        self.pending: list[tuple[int, dict]] = []
         self.started = time.perf_counter()
         self.last_log = (start, self.started)
         self.writer = None
@@ -156,20 +159,30 @@ class MetricsLog:
             self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start if start else None)
 
     def push(self, step: int, device_metrics: dict) -> None:
-        previous, self.pending = self.pending, (step, device_metrics)
-        if previous is not None:
-            self._consume(*previous)
+        """Keep the metrics of the step just launched; once the step before it was a log step, read
+        everything before the newest in one transfer (the newest step may still be running)."""
+        self.pending.append((step, device_metrics))
+        if len(self.pending) > 1 and self.is_log_step(self.pending[-2][0]):
+            self._consume(self.pending[:-1])
+            self.pending = self.pending[-1:]
 
     def flush(self) -> None:
-        if self.pending is not None:
-            previous, self.pending = self.pending, None
-            self._consume(*previous)
+        """Read every pending step's metrics (before a validation, a checkpoint or the end)."""
+        if self.pending:
+            pending, self.pending = self.pending, []
+            self._consume(pending)
+
+    def is_log_step(self, done: int) -> bool:
+        return done % self.config.train.log_every == 0 or done == self.steps
 
     def seconds(self) -> float:
         return time.perf_counter() - self.started
 
-    def _consume(self, done: int, device_metrics: dict) -> None:
-        metrics = jax.device_get(device_metrics)
+    def _consume(self, pending: list[tuple[int, dict]]) -> None:
+        for done, metrics in zip([step for step, _ in pending], jax.device_get([m for _, m in pending])):
+            self._record(done, metrics)
+
+    def _record(self, done: int, metrics: dict) -> None:
         if not bool(metrics["finite"]):
             if self.config.train.nan_policy == "stop":
                 raise TrainingError(
@@ -180,7 +193,7 @@ class MetricsLog:
             self.log(f"warning: non-finite loss at step {done - 1}; update skipped")
         self.bar.update(done - self.bar.n)
         self.bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", lr=f"{float(metrics['learning_rate']):.2e}")
-        if done % self.config.train.log_every and done != self.steps:
+        if not self.is_log_step(done):
             return
         now = time.perf_counter()
         seconds_per_step = (now - self.last_log[1]) / max(done - self.last_log[0], 1)

@@ -419,3 +419,37 @@ def test_the_curve_names_every_validation_mode():
 
     modes = typing.get_args(typing.get_type_hints(TrainConfig)["val_mode"])
     assert set(VALIDATION_LABELS) == set(modes) == {"sliding_window", "patches"}
+
+
+@pytest.mark.parametrize(
+    "error, damaged",
+    [
+        (FileNotFoundError("no such file: 8/state/d/abc"), True),
+        (ValueError("Error reading chunk: unexpected end of data"), True),
+        (ValueError("Failed to decode zstd frame"), True),
+        (json.JSONDecodeError("Expecting value", "x", 0), True),
+        (MemoryError(), False),
+        (RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4.00GiB"), False),
+        (RuntimeError("UNAVAILABLE: storage backend temporarily unreachable"), False),
+        (ValueError("Requested shape: (5, 3) is not compatible with the stored shape: (4, 3). Truncating..."), False),
+        (ValueError("Topology mismatch detected. The checkpoint was saved with a different topology"), False),
+    ],
+)
+def test_only_damage_makes_a_checkpoint_be_passed_over(error, damaged):
+    assert checkpoint.is_damage(error) is damaged
+
+
+def test_a_restore_error_that_is_not_damage_is_reported_and_nothing_set_aside(tmp_path):
+    import jax.numpy as jnp
+
+    from medseg_jax.errors import CheckpointError
+
+    manager = checkpoint.make_manager(tmp_path / "checkpoints")
+    checkpoint.save(manager, 1, {"w": jnp.ones((4, 3))}, {"next_index": 0}, {"config": {}})
+    manager.wait_until_finished()
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    other_network = {"w": jax.ShapeDtypeStruct((5, 3), jnp.float32, sharding=device)}
+    with pytest.raises(CheckpointError, match="does not look like damaged files, so it was not set aside"):
+        checkpoint.restore_latest_good(manager, other_network)
+    manager.close()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
