@@ -1,9 +1,7 @@
 """Preprocessed cases in a key-value store: one chunked zarr array per image and label, read patch by patch.
 
-Where a store lives: a local folder (a path, or a ``file://`` URL), or any key-value store tensorstore
-opens from a URL: ``gs://bucket/path`` (Google Cloud Storage), ``s3://bucket/path`` (Amazon S3 and
-compatible), ``memory://name`` (in the process's memory; for tests). Every read and write goes through
-tensorstore's key-value layer (``ts.KvStore``), so the same code serves all of them.
+Where the store lives (a local folder, or a ``gs://``, ``s3://`` or ``memory://`` URL) and how its keys
+are read and written is :mod:`medseg_jax.data.kvstore`'s; this module says what the keys hold.
 
 Layout (keys under the store's root; on local files, folders and files)::
 
@@ -53,18 +51,19 @@ import contextlib
 import hashlib
 import io
 import json
-import math
 import os
-import re
 import zipfile
 from collections.abc import Iterable, Sequence
-from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
 import tensorstore as ts
 
 from medseg_jax.atomic import json_text, parse_json
+from medseg_jax.data.case_content import check_case_arrays, check_case_id, check_case_record
+from medseg_jax.data.case_content import compute_class_locations as compute_class_locations  # re-exported for callers
+from medseg_jax.data.kvstore import ZARR_DRIVERS, KeyValueRoot, array_spec, open_array, zarr3_supported
+from medseg_jax.data.kvstore import parse_location as parse_location  # re-exported for callers
 from medseg_jax.data.plan import check_plan, plan_differences
 from medseg_jax.errors import DataError
 
@@ -79,134 +78,13 @@ INDEX_FORMAT = 1
 
 # Chunk edge per spatial axis, chosen so that a float32 chunk is about 1 MiB in 3D and 2D.
 DEFAULT_CHUNK_EDGE = {2: 512, 3: 64}
-# nnU-Net's foreground sampling: up to 10000 voxels per class, at least 1% of the class, fixed seed.
-MAX_LOCATIONS_PER_CLASS = 10000
-MIN_LOCATION_COVERAGE = 0.01
-LOCATIONS_SEED = 1234
-
-# lz4 with byte shuffle: fast to decompress (reads are on the training path) and shrinks labels and
-# the zero background of images well.
-_BLOSC = {"cname": "lz4", "clevel": 5, "shuffle": "shuffle"}
-
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-# pathlib folds the "//" of a URL into "/" (Path("gs://b/x") is "gs:/b/x"): a store location that went
-# through an argparse ``type=Path`` is recognised and unfolded for the schemes a store can live at.
-_FOLDED_URL = re.compile(r"(gs|s3|memory|file):/(?!/)")
-
-# One tensorstore context per process: memory:// stores live in a context, so every CaseStore of the
-# process must share it to see each other's data; a forked or spawned worker makes its own.
-_CONTEXT: tuple[int, ts.Context] | None = None
-
-
-def _context() -> ts.Context:
-    global _CONTEXT
-    if _CONTEXT is None or _CONTEXT[0] != os.getpid():
-        _CONTEXT = (os.getpid(), ts.Context())
-    return _CONTEXT[1]
-
-
-def _check_case_id(case_id: str) -> None:
-    """Case ids become key prefixes: refuse anything that could escape the store, hide, or meet a store file."""
-    if (
-        not isinstance(case_id, str)
-        or not case_id
-        or case_id != case_id.strip()
-        or case_id.startswith(".")
-        or case_id.endswith(".json")
-        or any(c in case_id for c in "/\\\0")
-    ):
-        raise DataError(
-            f"invalid case id {case_id!r}: must be a non-empty name without '/', '\\', a leading '.' "
-            "or a '.json' ending"
-        )
-
-
-def parse_location(location: str | os.PathLike) -> tuple[Path | None, str | None]:
-    """``(folder, None)`` for a local store, ``(None, url)`` for a store tensorstore opens from a URL."""
-    text = str(os.fspath(location))
-    if isinstance(location, PurePath) and _FOLDED_URL.match(text):
-        text = text.replace(":/", "://", 1)
-    if text.startswith("file://"):
-        return Path(text.removeprefix("file://")), None
-    if _URL.match(text):
-        return None, text
-    return Path(text), None
-
-
-def compute_class_locations(
-    label: np.ndarray,
-    max_per_class: int = MAX_LOCATIONS_PER_CLASS,
-    min_coverage: float = MIN_LOCATION_COVERAGE,
-    seed: int = LOCATIONS_SEED,
-) -> dict[int, np.ndarray]:
-    """Random voxel coordinates of each non-zero class of ``label`` (*spatial), as in nnU-Net.
-
-    Per class present: ``max(min(max_per_class, n), ceil(n * min_coverage))`` distinct voxels out of
-    its ``n``, drawn with a fixed seed (the same label gives the same locations). Returns
-    ``{class: int32 array (k, ndim)}``, coordinates sorted in C order; absent classes are left out.
-    """
-    flat_fg = np.flatnonzero(label)  # one pass over the volume; classes are split among fg voxels only
-    values = label.reshape(-1)[flat_fg]
-    rng = np.random.default_rng(seed)
-    locations = {}
-    for cls in np.unique(values):
-        members = flat_fg[values == cls]
-        count = max(min(max_per_class, members.size), math.ceil(members.size * min_coverage))
-        chosen = np.sort(rng.choice(members, size=count, replace=False))
-        locations[int(cls)] = np.stack(np.unravel_index(chosen, label.shape), axis=1).astype(np.int32)
-    return locations
-
-
-def _array_spec(kvstore: dict, shape, dtype: str, chunks, zarr_format: int) -> dict:
-    if zarr_format == 3:
-        metadata = {
-            "shape": list(shape),
-            "data_type": dtype,
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
-            "codecs": [
-                {"name": "bytes", "configuration": {"endian": "little"}},
-                {"name": "blosc", "configuration": _BLOSC},
-            ],
-        }
-        return {"driver": "zarr3", "kvstore": kvstore, "metadata": metadata, "create": True}
-    numpy_dtype = {"float32": "<f4", "uint8": "|u1"}[dtype]
-    compressor = {"id": "blosc", "cname": _BLOSC["cname"], "clevel": _BLOSC["clevel"], "shuffle": 1}
-    metadata = {"shape": list(shape), "chunks": list(chunks), "dtype": numpy_dtype, "compressor": compressor}
-    return {"driver": "zarr", "kvstore": kvstore, "metadata": metadata, "create": True}
-
-
-def zarr3_supported() -> bool:
-    """Whether the installed tensorstore has the zarr v3 driver."""
-    try:
-        ts.Spec({"driver": "zarr3", "kvstore": "memory://"})
-    except ValueError:
-        return False
-    return True
-
-
-def _check_marker(value: Any, where: str) -> dict:
-    """A case's ``complete.json`` (or its entry in the index), validated."""
-    shape = value.get("shape") if isinstance(value, dict) else None
-    if (
-        not isinstance(shape, list)
-        or len(shape) not in (2, 3)
-        or not all(isinstance(n, int) and n >= 1 for n in shape)
-        or not isinstance(value.get("channels"), int)
-        or value["channels"] < 1
-        or value.get("zarr_format") not in (2, 3)
-    ):
-        raise DataError(
-            f"{where}: damaged case record {value!r} (expected shape, channels and zarr_format); "
-            "preprocess the case again"
-        )
-    return {"shape": shape, "channels": value["channels"], "zarr_format": value["zarr_format"]}
 
 
 def _plan_hash(plan: dict) -> str:
     return hashlib.sha256(json.dumps(plan, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-class CaseStore:
+class CaseStore(KeyValueRoot):
     """A store of preprocessed cases (see the module docstring for the layout and what "present" means).
 
     Args:
@@ -223,17 +101,16 @@ class CaseStore:
     two processes at once is not supported; different cases from several processes are.
     """
 
+    KIND = "case store"
+
     def __init__(
         self,
         path: str | os.PathLike,
         chunk_shape: Sequence[int] | None = None,
         zarr_format: int | None = None,
     ):
+        super().__init__(path)
         self._location = path
-        self._folder, self._url = parse_location(path)
-        self.path: Path | str = self._folder if self._folder is not None else str(self._url)
-        if self._folder is not None and self._folder.exists() and not self._folder.is_dir():
-            raise DataError(f"case store {self.path}: exists and is not a folder")
         if zarr_format is None:
             zarr_format = 3 if zarr3_supported() else 2
         if zarr_format not in (2, 3):
@@ -242,24 +119,9 @@ class CaseStore:
             raise DataError(f"case store {self.path}: chunk_shape must be 2 or 3 positive ints, got {chunk_shape!r}")
         self.chunk_shape = None if chunk_shape is None else tuple(int(c) for c in chunk_shape)
         self.zarr_format = zarr_format
-        self._root_spec = self._kvstore_spec()
-        self._forget_handles()
-
-    def _kvstore_spec(self) -> dict:
-        """The tensorstore kvstore JSON spec of the store's root; its path ends with '/' (keys append to it)."""
-        if self._folder is not None:
-            return {"driver": "file", "path": os.path.abspath(self._folder) + "/"}
-        try:
-            spec = ts.KvStore.Spec(str(self._url)).to_json()
-        except ValueError as exc:
-            raise DataError(f"case store {self.path}: not a store location tensorstore can open ({exc})") from None
-        path = spec.get("path", "")
-        spec["path"] = path if not path or path.endswith("/") else path + "/"
-        return spec
 
     def _forget_handles(self) -> None:
-        self._pid = os.getpid()
-        self._kv_handle: ts.KvStore | None = None
+        super()._forget_handles()
         self._arrays: dict[tuple[str, str], ts.TensorStore] = {}
         self._markers: dict[str, dict] = {}
 
@@ -271,96 +133,6 @@ class CaseStore:
 
     def __repr__(self):
         return f"CaseStore({str(self.path)!r})"
-
-    def location(self, key: str = "") -> str:
-        """Where ``key`` of the store lives, as a path or URL (for messages)."""
-        if self._folder is not None:
-            return str(self._folder / key) if key else str(self._folder)
-        return f"{str(self._url).rstrip('/')}/{key}" if key else str(self._url)
-
-    # ------------------------------------------------------------------------------- key-value access
-
-    def _kv(self) -> ts.KvStore:
-        if self._pid != os.getpid():  # handles do not survive a fork: reopen in the new process
-            self._forget_handles()
-        if self._kv_handle is None:
-            try:
-                self._kv_handle = ts.KvStore.open(self._root_spec, context=_context()).result()
-            except ValueError as exc:
-                raise DataError(f"case store {self.path}: cannot be opened ({exc})") from exc
-        return self._kv_handle
-
-    def _kvstore_at(self, prefix: str) -> dict:
-        return {**self._root_spec, "path": self._root_spec["path"] + prefix}
-
-    def _read_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        """The values of ``keys`` (None where absent), read concurrently (one round trip on a bucket)."""
-        kv = self._kv()
-        futures = [kv.read(key) for key in keys]
-        values: list[bytes | None] = []
-        for key, future in zip(keys, futures):
-            try:
-                result = future.result()
-            except ValueError as exc:
-                raise DataError(f"{self.location(key)}: cannot be read ({exc})") from exc
-            values.append(result.value if result.state == "value" else None)
-        return values
-
-    def _read(self, key: str) -> bytes | None:
-        return self._read_many([key])[0]
-
-    def _read_json(self, key: str, expect: type | None = None) -> Any:
-        """The parsed JSON value of ``key``, or None when the key is absent."""
-        data = self._read(key)
-        if data is None:
-            return None
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{self.location(key)}: cannot be read ({exc})") from exc
-        return parse_json(text, self.location(key), expect)
-
-    def _write(self, key: str, data: bytes | None) -> None:
-        """Write (or with None delete) one key; a single key's write is atomic on every store."""
-        try:
-            self._kv().write(key, data).result()
-        except ValueError as exc:
-            action = "deleted" if data is None else "written"
-            raise DataError(f"{self.location(key)}: cannot be {action} ({exc})") from exc
-
-    def _create(self, key: str, data: bytes) -> bool:
-        """Write ``key`` only if it does not exist yet (conditional write); False when it already did."""
-        kv = self._kv()
-        try:
-            current = kv.read(key).result()
-            if current.state == "value":
-                return False
-            stamp = kv.write(key, data, if_equal=current.stamp.generation).result()
-        except ValueError as exc:
-            raise DataError(f"{self.location(key)}: cannot be written ({exc})") from exc
-        return bool(stamp.generation)  # an empty generation: another writer created it first
-
-    def _delete_tree(self, prefix: str) -> None:
-        """Delete every key under ``prefix`` (which ends with '/')."""
-        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
-        try:
-            self._kv().delete_range(ts.KvStore.KeyRange(inclusive_min=prefix, exclusive_max=end)).result()
-        except ValueError as exc:
-            raise DataError(f"{self.location(prefix)}: cannot be deleted ({exc})") from exc
-        if self._folder is not None:  # the file driver leaves the emptied top folder behind
-            with contextlib.suppress(OSError):
-                (self._folder / prefix).rmdir()
-
-    def read_json(self, name: str) -> Any:
-        """A JSON document at the store's top level (e.g. training's ``splits.json``), or None if absent."""
-        return self._read_json(name)
-
-    def write_json(self, name: str, value: Any) -> str:
-        """Write a JSON document at the store's top level (atomic on every store); returns its location."""
-        if "/" in name or not name.endswith(".json"):
-            raise DataError(f"case store {self.path}: {name!r} is not a top-level .json name")
-        self._write(name, json_text(value, source=self.location(name)).encode())
-        return self.location(name)
 
     # ----------------------------------------------------------------------------------- the plan
 
@@ -427,8 +199,8 @@ class CaseStore:
         write are cleared, the arrays, properties and class locations are written, and the marker last:
         a crash at any point never leaves a case that reads as present but is incomplete.
         """
-        _check_case_id(case_id)
-        image, label = self._check_arrays(case_id, image, label)
+        check_case_id(case_id)
+        image, label = check_case_arrays(case_id, image, label)
         try:
             properties_data = json.dumps(properties, indent=2, allow_nan=False).encode()
         except (TypeError, ValueError) as exc:
@@ -472,28 +244,6 @@ class CaseStore:
         self._write(f"{case_id}/{MARKER_NAME}", None)
         self._delete_tree(f"{case_id}/")
 
-    def _check_arrays(self, case_id, image, label):
-        image = np.asarray(image)
-        if image.ndim not in (3, 4):
-            raise DataError(
-                f"case {case_id!r}: image must be (C, *spatial) with 2 or 3 spatial axes, got shape {image.shape}"
-            )
-        if label is None:
-            label = np.zeros(image.shape[1:], np.uint8)
-        label = np.asarray(label)
-        if label.shape != image.shape[1:]:
-            raise DataError(
-                f"case {case_id!r}: label shape {label.shape} does not match image spatial shape {image.shape[1:]}"
-            )
-        if not np.issubdtype(label.dtype, np.integer) and not np.issubdtype(label.dtype, np.bool_):
-            raise DataError(f"case {case_id!r}: label must hold integers, got dtype {label.dtype}")
-        if label.size and (label.min() < 0 or label.max() > 255):
-            raise DataError(f"case {case_id!r}: label values must lie in [0, 255], got [{label.min()}, {label.max()}]")
-        image = image.astype(np.float32, copy=False)
-        if not np.isfinite(image).all():
-            raise DataError(f"case {case_id!r}: image contains NaN or infinite values")
-        return image, label.astype(np.uint8, copy=False)
-
     def _chunks(self, spatial_shape) -> tuple[int, ...]:
         ndim = len(spatial_shape)
         wanted = self.chunk_shape or (DEFAULT_CHUNK_EDGE[ndim],) * ndim
@@ -502,11 +252,8 @@ class CaseStore:
         return tuple(max(1, min(c, s)) for c, s in zip(wanted, spatial_shape))
 
     def _create_array(self, case_id: str, name: str, shape, dtype: str, chunks) -> ts.TensorStore:
-        spec = _array_spec(self._kvstore_at(f"{case_id}/{name}/"), shape, dtype, chunks, self.zarr_format)
-        try:
-            return ts.open(spec, context=_context()).result()
-        except ValueError as exc:
-            raise DataError(f"case {case_id!r} in case store {self.path}: cannot create {name} ({exc})") from exc
+        spec = array_spec(self._kvstore_at(f"{case_id}/{name}/"), shape, dtype, chunks, self.zarr_format)
+        return open_array(spec, f"case {case_id!r} in case store {self.path}: cannot create {name}")
 
     # ----------------------------------------------------------------------------------- finalizing
 
@@ -522,7 +269,7 @@ class CaseStore:
             self._refuse_other_plan(recorded, plan)
         ids = sorted(set(case_ids))
         for case_id in ids:
-            _check_case_id(case_id)
+            check_case_id(case_id)
         keys = [f"{case_id}/{MARKER_NAME}" for case_id in ids]
         values = self._read_many(keys)
         missing = [case_id for case_id, value in zip(ids, values) if value is None]
@@ -536,7 +283,7 @@ class CaseStore:
         for case_id, key, value in zip(ids, keys, values):
             assert value is not None
             where = self.location(key)
-            cases[case_id] = _check_marker(parse_json(value.decode("utf-8", "replace"), where, dict), where)
+            cases[case_id] = check_case_record(parse_json(value.decode("utf-8", "replace"), where, dict), where)
         index = {"index_format": INDEX_FORMAT, "plan_sha256": _plan_hash(recorded), "cases": cases}
         self._write(INDEX_NAME, json_text(index, source=self.location(INDEX_NAME)).encode())
         return index
@@ -552,27 +299,22 @@ class CaseStore:
                 f"{where}: not an index this version reads (index_format {INDEX_FORMAT} with a 'cases' "
                 "object); delete it and run `medseg-jax preprocess --finalize` again"
             )
-        index["cases"] = {case_id: _check_marker(entry, where) for case_id, entry in index["cases"].items()}
+        index["cases"] = {case_id: check_case_record(entry, where) for case_id, entry in index["cases"].items()}
         return index
 
     # ----------------------------------------------------------------------------------- reading
 
-    def _require_store(self) -> None:
-        if self._folder is not None and not self._folder.is_dir():
-            raise DataError(f"case store {self.path}: folder does not exist")
-
     def _marker(self, case_id: str) -> dict:
         """The case's ``complete.json``; a :class:`DataError` when the case is not (completely) stored."""
-        _check_case_id(case_id)
-        if self._pid != os.getpid():
-            self._forget_handles()
+        check_case_id(case_id)
+        self._reopen_after_fork()
         if case_id not in self._markers:
             self._require_store()
             key = f"{case_id}/{MARKER_NAME}"
             value = self._read_json(key)
             if value is None:
                 raise DataError(f"case {case_id!r} not found in case store {self.path}")
-            self._markers[case_id] = _check_marker(value, self.location(key))
+            self._markers[case_id] = check_case_record(value, self.location(key))
         return self._markers[case_id]
 
     def _case_file(self, case_id: str, name: str) -> tuple[bytes, str]:
@@ -587,12 +329,9 @@ class CaseStore:
         marker = self._marker(case_id)
         key = (case_id, name)
         if key not in self._arrays:
-            driver = "zarr3" if marker["zarr_format"] == 3 else "zarr"
+            driver = ZARR_DRIVERS[marker["zarr_format"]]
             spec = {"driver": driver, "kvstore": self._kvstore_at(f"{case_id}/{name}/"), "open": True}
-            try:
-                self._arrays[key] = ts.open(spec, context=_context()).result()
-            except ValueError as exc:
-                raise DataError(f"case {case_id!r} in case store {self.path}: cannot open {name} ({exc})") from exc
+            self._arrays[key] = open_array(spec, f"case {case_id!r} in case store {self.path}: cannot open {name}")
         return self._arrays[key]
 
     def has_case(self, case_id: str) -> bool:
@@ -601,11 +340,10 @@ class CaseStore:
 
     def missing_cases(self, case_ids: Iterable[str]) -> list[str]:
         """The ids among ``case_ids`` that are not completely stored, in order (markers read concurrently)."""
-        if self._pid != os.getpid():
-            self._forget_handles()
+        self._reopen_after_fork()
         ids = list(case_ids)
         for case_id in ids:
-            _check_case_id(case_id)
+            check_case_id(case_id)
         unknown = [case_id for case_id in ids if case_id not in self._markers]
         found = self._read_many([f"{case_id}/{MARKER_NAME}" for case_id in unknown])
         absent = {case_id for case_id, value in zip(unknown, found) if value is None}
@@ -618,17 +356,7 @@ class CaseStore:
         if index is not None:
             self._markers.update(index["cases"])
             return sorted(index["cases"])
-        if self._folder is not None:
-            with os.scandir(self._folder) as entries:
-                folders = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
-            return sorted(e.name for e in folders if os.path.isfile(os.path.join(e.path, MARKER_NAME)))
-        # A bucket cannot list one level: every key of the store is listed (finalize to avoid this).
-        try:
-            keys = [key.decode() for key in self._kv().list().result()]
-        except ValueError as exc:
-            raise DataError(f"case store {self.path}: cannot be listed ({exc})") from exc
-        suffix = "/" + MARKER_NAME
-        return sorted(key.removesuffix(suffix) for key in keys if key.endswith(suffix) and key.count("/") == 1)
+        return self._folders_holding(MARKER_NAME)  # on a bucket, every key of the store: finalize to avoid it
 
     def read_properties(self, case_id: str) -> dict[str, Any]:
         """The properties dict given to :meth:`write_case`."""
