@@ -101,6 +101,18 @@ def bare_rate(store: Path, overrides: list[str], steps: int) -> float:
     return steps / (time.perf_counter() - start)
 
 
+def checkout_commit(folder: Path) -> str | None:
+    """The git commit of the checkout ``folder`` belongs to (which loop was measured), if any."""
+    import subprocess
+
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=folder, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=150, help="loop steps per run (default 150)")
@@ -144,9 +156,9 @@ def main(argv=None) -> int:
         # robust to the machine's speed drifting between repeats
         "ratio": statistics.median(a / b for a, b in zip(loop, bare)),
         "ratio_of_medians": statistics.median(loop) / statistics.median(bare),
-        "settings": vars(args) | {"out": str(args.out)},
+        "settings": vars(args) | {"out": None if args.out is None else args.out.name},
         "versions": {
-            "medseg_jax_from": str(Path(medseg_jax.__file__).parent),
+            "medseg_jax_commit": checkout_commit(Path(medseg_jax.__file__).parent),
             "jax": jax.__version__,
             "python": sys.version.split()[0],
         },
