@@ -73,6 +73,7 @@ def test_smoke_run_from_the_command_line(tmp_path, capsys):
     )
     table = capsys.readouterr().out
     assert "| 2D | float32 | conv fwd |" in table and "| 2D | float32 | conv fwd+bwd |" in table
+    assert list(out.glob("*.md"))  # the Markdown table is written beside the JSON
     saved = json.loads(next(out.glob("*.json")).read_text())
     assert saved["meta"]["operations"] == ["conv"] and saved["meta"]["runs"] == 1
     assert {r["group"] for r in saved["results"]} == {"conv fwd", "conv fwd+bwd"}

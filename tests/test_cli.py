@@ -227,37 +227,12 @@ def test_synth_plan_preprocess_from_the_command_line(tmp_path, capsys):
     plan = json.loads((dataset / "plan_3d.json").read_text())
     assert plan["preprocessing"]["hu_window"] == [-175.0, 250.0]
     assert plan["preprocessing"]["denoise"] == {"method": "median", "size": 3}
-    assert (
-        main(
-            [
-                "preprocess",
-                str(dataset),
-                "--plan",
-                str(dataset / "plan_3d.json"),
-                "--out",
-                str(tmp_path / "store"),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    preprocess = ["preprocess", str(dataset), "--plan", str(dataset / "plan_3d.json"), "--out", str(tmp_path / "store")]
+    assert main([*preprocess, "--quiet"]) == 0
     assert "preprocessed 3 case(s)" in capsys.readouterr().out
     assert json.loads((tmp_path / "store" / "plan.json").read_text()) == plan
     # rerun: everything is skipped (resumable)
-    assert (
-        main(
-            [
-                "preprocess",
-                str(dataset),
-                "--plan",
-                str(dataset / "plan_3d.json"),
-                "--out",
-                str(tmp_path / "store"),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert main([*preprocess, "--quiet"]) == 0
     assert "skipped 3" in capsys.readouterr().out
 
 
@@ -275,30 +250,6 @@ def test_train_without_a_store_plan_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "store").mkdir()
     assert main(["train", "--data", str(tmp_path / "store"), "--out", str(tmp_path / "run")]) == 2
     assert "plan.json" in capsys.readouterr().err
-
-
-def test_benchmark_command_runs_the_suite_in_smoke_mode(tmp_path, capsys):
-    assert (
-        main(
-            [
-                "benchmark",
-                "--preset",
-                "smoke",
-                "--dims",
-                "2",
-                "--ops",
-                "upsample",
-                "--runs",
-                "1",
-                "--no-torch",
-                "--out",
-                str(tmp_path),
-            ]
-        )
-        == 0
-    )
-    assert "upsample" in capsys.readouterr().out
-    assert list(tmp_path.glob("*.json")) and list(tmp_path.glob("*.md"))
 
 
 def test_synth_help_names_the_folder_it_writes_and_plan_takes_a_voxel_budget(tmp_path, capsys):

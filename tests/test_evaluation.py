@@ -275,40 +275,9 @@ def test_inf_distances_can_be_replaced_by_a_worst_value(folders, tmp_path, capsy
     # the affine is stored as float32: the spacing agrees to float32 precision
     assert diagonal[missed[0]]["hd95"] == pytest.approx(want, rel=1e-6)
 
-    assert (
-        main(
-            [
-                "evaluate",
-                "--pred",
-                str(pred_dir),
-                "--ref",
-                str(ref_dir),
-                "--quiet",
-                "--inf-distance",
-                "373.13",
-                "--out",
-                str(tmp_path / "eval"),
-            ]
-        )
-        == 0
-    )
+    evaluate = ["evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir), "--quiet"]
+    assert main([*evaluate, "--inf-distance", "373.13", "--out", str(tmp_path / "eval")]) == 0
     stored = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert stored["classes"]["2"]["hd95"]["count_inf"] == 0 and stored["conventions"]["inf_distance"] == 373.13
-    assert (
-        main(
-            [
-                "evaluate",
-                "--pred",
-                str(pred_dir),
-                "--ref",
-                str(ref_dir),
-                "--quiet",
-                "--inf-distance",
-                "far",
-                "--out",
-                str(tmp_path / "bad"),
-            ]
-        )
-        == 2
-    )
+    assert main([*evaluate, "--inf-distance", "far", "--out", str(tmp_path / "bad")]) == 2
     assert "inf_distance" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -120,7 +120,8 @@ def stage_topology(
     return strides, kernels
 
 
-def _total_stride(strides: list) -> np.ndarray:
+def total_stride(strides) -> np.ndarray:
+    """The factor each patch axis must be divisible by: the product of the stage strides along it."""
     return np.prod(np.asarray(strides), axis=0).astype(np.int64)
 
 
@@ -133,7 +134,7 @@ def plan_patch_and_topology(
     patch = np.maximum(np.minimum(np.round(initial), np.round(median_shape)), 1).astype(np.int64)
     while True:
         strides, kernels = stage_topology(spacing, patch, max_stages)
-        divisor = _total_stride(strides)
+        divisor = total_stride(strides)
         patch = (-(-patch // divisor)) * divisor  # round up to a multiple of the total stride
         if np.prod(patch) <= patch_voxel_budget:
             break

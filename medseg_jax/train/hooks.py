@@ -249,6 +249,13 @@ class MetricsLog:
             self.writer.close()
 
 
+def pseudo_dice_update(previous: float | None, val_dice: float) -> float:
+    """nnU-Net's pseudo-Dice: an exponential moving average of the mean foreground Dice over validations."""
+    if previous is None:
+        return val_dice
+    return PSEUDO_DICE_MOMENTUM * previous + (1 - PSEUDO_DICE_MOMENTUM) * val_dice
+
+
 def dice_summary(totals: np.ndarray) -> dict:
     """Per-class Dice from summed ``(tp, fp, fn)`` counts (None where a class is absent from both) and
     their mean over the foreground classes (0 when none is present): one validation's result."""

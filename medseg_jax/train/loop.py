@@ -30,11 +30,6 @@ from medseg_jax.train.prefetch import DevicePrefetcher
 from medseg_jax.train.state import create_train_state
 from medseg_jax.train.step import jit_train_step, make_eval_step, make_train_step
 
-# Kept importable from here: callers and tests use these names.
-PSEUDO_DICE_MOMENTUM = hooks.PSEUDO_DICE_MOMENTUM
-VALIDATION_LABELS = hooks.VALIDATION_LABELS
-dice_summary = hooks.dice_summary
-
 
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
@@ -81,7 +76,7 @@ def plot_curves(run_dir: Path, entries: list[dict], val_mode: str) -> None:
             train_entries,
             run_dir / "training_curve.png",
             validation=val_entries,
-            validation_label=VALIDATION_LABELS[val_mode],
+            validation_label=hooks.VALIDATION_LABELS[val_mode],
         )
 
 
@@ -249,11 +244,7 @@ def train(
                 if split["val"] and (done % config.train.val_every == 0 or done == steps):
                     metrics_log.flush()  # the step's own metrics (and its finiteness) before validating it
                     validation = validator(state.params)
-                    pseudo_dice = (
-                        validation["val_dice"]
-                        if pseudo_dice is None
-                        else PSEUDO_DICE_MOMENTUM * pseudo_dice + (1 - PSEUDO_DICE_MOMENTUM) * validation["val_dice"]
-                    )
+                    pseudo_dice = hooks.pseudo_dice_update(pseudo_dice, validation["val_dice"])
                     val_dice = pseudo_dice
                     metrics_log.validation(done, validation, pseudo_dice)
                     if main:

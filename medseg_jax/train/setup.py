@@ -15,7 +15,6 @@ refuses to continue a run with an incompatible config. The loop itself is in :mo
 from __future__ import annotations
 
 import dataclasses
-import math
 import platform
 from pathlib import Path
 from typing import Any
@@ -142,11 +141,6 @@ def resolve_model(model_config, plan: dict):
     return dataclasses.replace(model_config, **planned, features=tuple(features), n_blocks_per_stage=blocks)
 
 
-def total_stride(strides) -> tuple[int, ...]:
-    """The factor each input axis must be divisible by: the product of the strides along it."""
-    return tuple(math.prod(axis) for axis in zip(*strides))
-
-
 def resolve_data(data_config, plan: dict, spatial_dims: int, strides):
     """The data config with the plan's patch and batch where it leaves them null, checked against the
     network (patch axes divisible by the total stride)."""
@@ -154,7 +148,9 @@ def resolve_data(data_config, plan: dict, spatial_dims: int, strides):
     batch = int(data_config.batch_size or plan["batch_size"])
     if len(patch) != spatial_dims:
         raise ConfigError(f"data.patch_size {list(patch)} has {len(patch)} axes but the plan is {spatial_dims}D")
-    stride = total_stride(strides)
+    from medseg_jax.data.plan import total_stride
+
+    stride = [int(s) for s in total_stride(strides)]
     if any(size % s for size, s in zip(patch, stride)):
         raise ConfigError(
             f"data.patch_size {list(patch)} is not divisible by the network's total stride "

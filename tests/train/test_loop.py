@@ -415,7 +415,7 @@ def test_the_curve_names_every_validation_mode():
     import typing
 
     from medseg_jax.config import TrainConfig
-    from medseg_jax.train.loop import VALIDATION_LABELS
+    from medseg_jax.train.hooks import VALIDATION_LABELS
 
     modes = typing.get_args(typing.get_type_hints(TrainConfig)["val_mode"])
     assert set(VALIDATION_LABELS) == set(modes) == {"sliding_window", "patches"}

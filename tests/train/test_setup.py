@@ -177,3 +177,9 @@ def test_every_shipped_config_resolves_against_a_plan(path):
         plan = plan | {"patch_size": list(config.data.patch_size)}
     run = resolve_run(config, plan, device_count=1, process_count=1)
     assert run.model.spatial_dims == plan["dim"]
+
+
+@pytest.mark.parametrize("devices, processes", [(3, 2), (0, 1), (4, 0)])
+def test_devices_that_the_processes_cannot_share_are_refused(devices, processes):
+    with pytest.raises(ConfigError, match=r"cannot be shared by"):
+        resolve(["augment.mode=none"], devices=devices, processes=processes)
