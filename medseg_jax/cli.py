@@ -173,7 +173,16 @@ def cmd_train(args) -> int:
         raise DataError(
             f"{args.out}: holds checkpoints of an earlier run; drop --no-resume to continue it, or choose another --out"
         )
-    summary = train(config, args.data, args.out, fold=args.fold, resume=args.resume, progress=not args.quiet, log=print)
+    summary = train(
+        config,
+        args.data,
+        args.out,
+        fold=args.fold,
+        resume=args.resume,
+        progress=not args.quiet,
+        log=print,
+        autotune=args.autotune,
+    )
     pseudo_dice, final_loss = summary.pseudo_dice, summary.final_loss
     print(
         f"step {summary.step}/{summary.steps}, final loss {'-' if final_loss is None else f'{final_loss:.4f}'}, "
@@ -197,6 +206,11 @@ def cmd_predict(args) -> int:
     elif args.mirror_axes is not None:
         changes["mirror_axes"] = tuple(args.mirror_axes)
     inference = dataclasses.replace(inference, **changes)
+    if args.autotune:  # before anything is compiled: the sliding window runs the tuned implementations
+        from medseg_jax.tuning import inference_input_shape, tune_model
+
+        shape = inference_input_shape(plan, inference, config.model.in_channels)
+        model, _ = tune_model(model, shape, backward=False, log=print)
     summaries = predict_input(
         args.input,
         args.output,
@@ -416,6 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="continue from the newest readable checkpoint in --out (default)",
     )
+    p.add_argument(
+        "--autotune",
+        action="store_true",
+        help="time the conv / upsampling implementations left at 'auto' for this run's layer shapes before "
+        "compiling, and train with the fastest (timings cached; the choice is written to OUT/autotune.json)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_args(p)
     p.set_defaults(handler=cmd_train)
@@ -446,6 +466,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--memory-bounded", action="store_true", help="accumulate windows on the host (large scans)")
     p.add_argument("--skip-existing", action="store_true", help="skip cases whose output exists")
+    p.add_argument(
+        "--autotune",
+        action="store_true",
+        help="time the conv / upsampling implementations left at 'auto' for one sliding-window call (forward "
+        "only) before compiling, and predict with the fastest (timings cached)",
+    )
     p.add_argument(
         "--report",
         action="store_true",

@@ -29,11 +29,29 @@ def test_bad_arguments_name_the_choices():
         run_benchmarks("huge")
     with pytest.raises(ConfigError, match="train_step"):
         run_benchmarks("smoke", operations=("everything",))
+    with pytest.raises(ConfigError, match="'all', 'fast'"):
+        run_benchmarks("smoke", variants="some")
 
 
 def test_command_line_vocabulary_is_the_suites():
     assert set(command.PRESETS) == set(cases.PRESETS) == set(suite.DEFAULT_RUNS)
     assert suite.OPERATIONS is command.OPERATIONS
+    assert command.VARIANTS == cases.VARIANT_SETS
+
+
+def test_inference_windows_against_pytorch_where_installed(tmp_path):
+    """The 3D inference group: the default network and its XLA-only fallback, and PyTorch's forward
+    pass (the ratios' baseline) where it is installed."""
+    report = run_benchmarks("smoke", dims=(3,), operations=("inference",), runs=1, variants="fast", out_dir=None)
+    rows = {r["implementation"]: r for r in report["results"] if r["group"] == "inference forward"}
+    expected = {"medseg-jax default", "xla-only default (depth_stack conv + matmul upsample)"}
+    if torch_baseline.available():
+        expected.add(cases.TORCH_MEMBER)
+    assert set(rows) == expected
+    baseline = cases.TORCH_MEMBER if torch_baseline.available() else "medseg-jax default"
+    for row in rows.values():
+        assert row["median_s"] > 0 and row["baseline"] == baseline
+        assert row["speedup_vs_baseline"] == pytest.approx(rows[baseline]["median_s"] / row["median_s"])
 
 
 def test_benchmark_subcommand_rejects_bad_flags_before_running(capsys):

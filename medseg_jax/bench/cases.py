@@ -76,6 +76,16 @@ PRESETS: dict[str, dict[int, Topology]] = {
         3: Topology((64, 64, 64), 2, (32, 64, 128, 256, 320), nnunet_strides(3, 5)),
     },
 }
+# CPU inference (TotalSegmentator-style): the 3D network's forward pass over sliding windows of 128^3,
+# 6 stages, one and two windows per call.
+INFERENCE_FEATURES = (32, 64, 128, 256, 320, 320)
+INFERENCE_PRESETS: dict[str, tuple[Topology, ...]] = {
+    "smoke": (Topology((16, 16, 16), 1, (4, 8), nnunet_strides(3, 2)),),
+    "nnunet": tuple(
+        Topology((128, 128, 128), batch, INFERENCE_FEATURES, nnunet_strides(3, len(INFERENCE_FEATURES)))
+        for batch in (1, 2)
+    ),
+}
 
 # Whole-network variants compared in the U-Net groups: (conv, upsample) implementations.
 NETWORK_VARIANTS: dict[str, tuple[str, str]] = {
@@ -84,12 +94,34 @@ NETWORK_VARIANTS: dict[str, tuple[str, str]] = {
     "plain flax (xla conv + conv_transpose)": ("xla", "conv_transpose"),
 }
 NETWORK_BASELINE = "plain flax (xla conv + conv_transpose)"
-ALTERNATIVE_3D_VARIANT = {"depth_sum conv + matmul upsample": ("depth_sum", "matmul")}
+# What "auto" runs on CPU without the optional oneDNN convolution (XLA alone).
+XLA_ONLY_3D_VARIANT = {"xla-only default (depth_stack conv + matmul upsample)": ("depth_stack", "matmul")}
+ALTERNATIVE_3D_VARIANT = {"depth_sum conv + matmul upsample": ("depth_sum", "matmul"), **XLA_ONLY_3D_VARIANT}
+TORCH_MEMBER = "pytorch nnU-Net PlainConvUNet"
+# --variants: "all" times every formulation; "fast" only the default and its XLA-only fallback (the
+# plain-XLA 3D formulations take tens of seconds a step on CPU), against PyTorch where present.
+VARIANT_SETS = ("all", "fast")
 
 
-def network_variants(dims: int) -> dict[str, tuple[str, str]]:
+def network_variants(dims: int, variants: str = "all") -> dict[str, tuple[str, str]]:
     """The variants worth timing: the depth_* convs equal xla below 3 spatial axes."""
+    if variants == "fast":
+        fallback = (
+            XLA_ONLY_3D_VARIANT
+            if dims == 3
+            else {"xla conv + matmul upsample": NETWORK_VARIANTS["xla conv + matmul upsample"]}
+        )
+        return {"medseg-jax default": NETWORK_VARIANTS["medseg-jax default"], **fallback}
     return {**NETWORK_VARIANTS, **(ALTERNATIVE_3D_VARIANT if dims == 3 else {})}
+
+
+def network_baseline(members: dict) -> str:
+    """What a network group's ratios are against: PyTorch's nnU-Net where it is measured, else plain
+    Flax, else the first member."""
+    for name in (TORCH_MEMBER, NETWORK_BASELINE):
+        if name in members:
+            return name
+    return next(iter(members))
 
 
 def conv_candidates(dims: int) -> list[str]:
@@ -240,7 +272,13 @@ def random_batch(topology: Topology, dtype: str) -> dict:
     return {"image": image, "label": label}
 
 
-def forward_group(topology: Topology, dtype: str) -> Group:
+def forward_group(
+    topology: Topology,
+    dtype: str,
+    torch_member: Callable[[], Prepared] | None = None,
+    variants: str = "all",
+    name: str = "U-Net forward",
+) -> Group:
     def member(variant):
         def prepare():
             model = topology.unet(dtype, *variant, deep_supervision=False)
@@ -250,14 +288,17 @@ def forward_group(topology: Topology, dtype: str) -> Group:
 
         return prepare
 
+    members = {label: member(v) for label, v in network_variants(topology.dims, variants).items()}
+    if torch_member is not None:
+        members[TORCH_MEMBER] = torch_member
     return Group(
-        "U-Net forward",
+        name,
         "unet_forward",
         topology.dims,
         dtype,
         describe(topology.input_shape()) + f" stages={len(topology.features)}",
-        NETWORK_BASELINE,
-        {name: member(v) for name, v in network_variants(topology.dims).items()},
+        network_baseline(members),
+        members,
         network_flops(topology),
     )
 
@@ -277,7 +318,9 @@ def train_setup(topology: Topology, dtype: str):
     return optimizer, state, batch
 
 
-def train_step_group(topology: Topology, dtype: str, torch_member: Callable[[], Prepared] | None) -> Group:
+def train_step_group(
+    topology: Topology, dtype: str, torch_member: Callable[[], Prepared] | None, variants: str = "all"
+) -> Group:
     """The library's pure train step (Dice + CE deep-supervision loss) per network variant."""
     from medseg_jax.config import LossConfig
     from medseg_jax.train.step import make_train_step
@@ -294,16 +337,16 @@ def train_step_group(topology: Topology, dtype: str, torch_member: Callable[[], 
 
         return prepare
 
-    members = {name: member(v) for name, v in network_variants(topology.dims).items()}
+    members = {name: member(v) for name, v in network_variants(topology.dims, variants).items()}
     if torch_member is not None:
-        members["pytorch nnU-Net PlainConvUNet"] = torch_member
+        members[TORCH_MEMBER] = torch_member
     return Group(
         "train step",
         "train_step",
         topology.dims,
         dtype,
         describe(topology.input_shape()) + f" stages={len(topology.features)}",
-        NETWORK_BASELINE,
+        network_baseline(members),
         members,
         3 * network_flops(topology),
     )

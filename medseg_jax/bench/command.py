@@ -16,11 +16,12 @@ from medseg_jax.errors import MedsegError
 # The suite's vocabulary lives here, beside the flags, so that building the parser imports no JAX
 # (the suite imports OPERATIONS from here; a test checks PRESETS names medseg_jax.bench.cases.PRESETS).
 PRESETS = ("smoke", "nnunet")
-OPERATIONS = ("conv", "upsample", "conv_block", "unet_forward", "train_step", "sliding_window", "layers")
+OPERATIONS = ("conv", "upsample", "conv_block", "unet_forward", "train_step", "inference", "sliding_window", "layers")
+VARIANTS = ("all", "fast")  # = medseg_jax.bench.cases.VARIANT_SETS
 DESCRIPTION = (
-    "Time convolutions, upsampling, the conv block, the U-Net forward pass, the training step and "
-    "sliding-window inference, every implementation side by side; print a Markdown table and write "
-    "JSON + Markdown files."
+    "Time convolutions, upsampling, the conv block, the U-Net forward pass, the training step, "
+    "3D inference windows and sliding-window inference, every implementation side by side (and "
+    "PyTorch's nnU-Net where installed); print a Markdown table and write JSON + Markdown files."
 )
 
 
@@ -68,6 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="folder for the JSON and Markdown files (default: ./benchmark-results)",
     )
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch nnU-Net baseline")
+    parser.add_argument(
+        "--variants",
+        default="all",
+        choices=VARIANTS,
+        help="network variants in the U-Net groups: all formulations, or fast = the default and its "
+        "XLA-only fallback (against PyTorch where installed) (default: all)",
+    )
     return parser
 
 
@@ -84,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         runs=args.runs,
         out_dir=args.out,
         torch=not args.no_torch,
+        variants=args.variants,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(markdown_report(report))

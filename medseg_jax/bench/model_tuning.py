@@ -20,11 +20,15 @@ from medseg_jax.kernels.autotune import OpCase, autotune_case, default_candidate
 from medseg_jax.kernels.select import resolve
 from medseg_jax.models.blocks import Conv, Upsample
 
+# The model field that chooses each operation's implementation.
+IMPLEMENTATION_FIELDS = {"conv": "conv_implementation", "upsample": "upsample_implementation"}
 
-def layer_cases(model, input_shape: Sequence[int], dtype: str = "float32") -> list[OpCase]:
+
+def layer_cases(model, input_shape: Sequence[int], dtype: str = "float32", backward: bool = True) -> list[OpCase]:
     """Every conv and upsampling call the model makes on an input of ``input_shape`` (one entry per
-    call, so repeated shapes count once per layer). Found by intercepting module calls during an
-    abstract ``init``: nothing is computed."""
+    call, so repeated shapes count once per layer), to be timed with gradients (``backward``, for
+    training) or forward only (inference). Found by intercepting module calls during an abstract
+    ``init``: nothing is computed."""
     found: list[OpCase] = []
 
     def record(next_fun, args, kwargs, context):
@@ -39,6 +43,7 @@ def layer_cases(model, input_shape: Sequence[int], dtype: str = "float32") -> li
                         (*module.kernel_size, x_shape[-1], module.features),
                         tuple(module.strides),
                         dtype,
+                        backward,
                     )
                 )
             else:
@@ -49,6 +54,7 @@ def layer_cases(model, input_shape: Sequence[int], dtype: str = "float32") -> li
                         (*module.strides, x_shape[-1], module.features),
                         tuple(module.strides),
                         dtype,
+                        backward,
                     )
                 )
         return next_fun(*args, **kwargs)
@@ -66,19 +72,20 @@ def autotune_model(
     cache: str | os.PathLike | None = None,
     runs: int = 3,
     refresh: bool = False,
+    backward: bool = True,
 ):
     """``model`` (a :class:`medseg_jax.models.UNet`) with ``conv_implementation`` and
     ``upsample_implementation`` set to the candidates with the least total time over the model's own
-    layers at ``input_shape`` (forward + backward, see :func:`medseg_jax.kernels.autotune.time_case`),
-    and a report ``{operation: {"chosen": name, "total_seconds": {name: s}, "cases": n}}``.
+    layers at ``input_shape`` (forward + backward, or the forward pass alone with ``backward=False``
+    for inference; see :func:`medseg_jax.kernels.autotune.time_case`), and a report
+    ``{operation: {"chosen": name, "total_seconds": {name: s}, "cases": n}}``.
 
     Only operations whose model field is ``"auto"`` are tuned; explicit choices are kept.
     """
     dtype = jnp.dtype(model.dtype).name
-    fields = {"conv": "conv_implementation", "upsample": "upsample_implementation"}
     report, changes = {}, {}
-    cases = layer_cases(model, input_shape, dtype)
-    for operation, field_name in fields.items():
+    cases = layer_cases(model, input_shape, dtype, backward)
+    for operation, field_name in IMPLEMENTATION_FIELDS.items():
         if getattr(model, field_name) != "auto":
             continue
         names = list((candidates or {}).get(operation) or default_candidates(operation))

@@ -10,6 +10,7 @@ analytic FLOP/s by a large matmul's FLOP/s measured in the same run (the device'
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import platform
 import time
@@ -65,7 +66,11 @@ def machine_info() -> dict:
     return info
 
 
-def check_arguments(preset: str, dims: Sequence[int], dtypes: Sequence[str], operations: Sequence[str]) -> None:
+def check_arguments(
+    preset: str, dims: Sequence[int], dtypes: Sequence[str], operations: Sequence[str], variants: str = "all"
+) -> None:
+    if variants not in cases.VARIANT_SETS:
+        raise ConfigError(f"benchmark variants must be one of {list(cases.VARIANT_SETS)}, got {variants!r}")
     if preset not in cases.PRESETS:
         raise ConfigError(f"benchmark preset must be one of {sorted(cases.PRESETS)}, got {preset!r}")
     for d in dims:
@@ -79,7 +84,7 @@ def check_arguments(preset: str, dims: Sequence[int], dtypes: Sequence[str], ope
             raise ConfigError(f"unknown benchmark operation {op!r}; choose from {list(OPERATIONS)}")
 
 
-def groups_for(topology, dtype: str, operations: Sequence[str], torch_enabled: bool):
+def groups_for(topology, dtype: str, operations: Sequence[str], torch_enabled: bool, variants: str = "all"):
     """The comparison groups of one (topology, dtype), in reporting order."""
     ops = cases.representative_cases(topology, dtype)
     if "conv" in operations:
@@ -92,16 +97,26 @@ def groups_for(topology, dtype: str, operations: Sequence[str], torch_enabled: b
     if "conv_block" in operations:
         yield cases.conv_block_group(topology, dtype)
     if "unet_forward" in operations:
-        yield cases.forward_group(topology, dtype)
+        yield cases.forward_group(topology, dtype, variants=variants)
     if "train_step" in operations:
         torch_member = None
         if torch_enabled:
             torch_member = lambda: torch_baseline.prepare_train_step(topology, dtype)  # noqa: E731
-        yield cases.train_step_group(topology, dtype, torch_member)
+        yield cases.train_step_group(topology, dtype, torch_member, variants)
     if "sliding_window" in operations:
         group = cases.sliding_window_group(topology, dtype)
         if group is not None:
             yield group
+
+
+def inference_groups(preset: str, dtype: str, torch_enabled: bool, variants: str):
+    """The 3D network's forward pass on inference windows (:data:`cases.INFERENCE_PRESETS`), against
+    PyTorch's where installed."""
+    for topology in cases.INFERENCE_PRESETS[preset]:
+        torch_member = None
+        if torch_enabled:
+            torch_member = functools.partial(torch_baseline.prepare_forward, topology, dtype)
+        yield cases.forward_group(topology, dtype, torch_member, variants, name="inference forward")
 
 
 def measure_group(group: cases.Group, runs: int, matmul_flop_per_s: float | None) -> list[dict]:
@@ -156,6 +171,7 @@ def run_benchmarks(
     runs: int | None = None,
     out_dir: str | os.PathLike | None = None,
     torch: bool = True,
+    variants: str = "all",
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Run the suite and return ``{"meta", "matmul_reference", "results", "layer_profile"}``.
@@ -166,11 +182,14 @@ def run_benchmarks(
       dims / dtypes / operations: which subsets to run (see :data:`OPERATIONS`).
       runs: timed calls per member (default 2 for smoke, 3 for nnunet).
       out_dir: when given, ``benchmark-<preset>-<UTC time>.json`` and ``.md`` are written there.
-      torch: include the PyTorch nnU-Net baseline in the train-step groups when it is installed and
-        the JAX backend is the CPU (the baseline runs on the CPU).
+      torch: include the PyTorch nnU-Net baseline in the train-step and inference groups when it is
+        installed and the JAX backend is the CPU (the baseline runs on the CPU); the network groups'
+        ratios are then against it.
+      variants: ``"all"`` network formulations, or ``"fast"`` (the default and its XLA-only fallback).
+      operations ``"inference"``: the 3D forward pass on 128^3 windows, batch 1 and 2 (``nnunet``).
       progress: called with a line of text before each group (the CLI prints it).
     """
-    check_arguments(preset, dims, dtypes, operations)
+    check_arguments(preset, dims, dtypes, operations, variants)
     runs = runs or DEFAULT_RUNS[preset]
     say = progress or (lambda text: None)
     torch_enabled = torch and torch_baseline.available() and jax.default_backend() == "cpu"
@@ -180,6 +199,7 @@ def run_benchmarks(
         "dtypes": list(dtypes),
         "operations": list(operations),
         "runs": runs,
+        "variants": variants,
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "torch_baseline": torch_baseline.versions() if torch_enabled else None,
@@ -190,7 +210,10 @@ def run_benchmarks(
     for d in dims:
         topology = cases.PRESETS[preset][d]
         for dtype in dtypes:
-            for group in groups_for(topology, dtype, operations, torch_enabled):
+            groups = list(groups_for(topology, dtype, operations, torch_enabled, variants))
+            if d == 3 and "inference" in operations:
+                groups += inference_groups(preset, dtype, torch_enabled, variants)
+            for group in groups:
                 say(f"{d}D {dtype} {group.name} {group.shape}: {', '.join(group.members)}")
                 results.extend(measure_group(group, runs, matmul[dtype]["flop_per_s"]))
             if "layers" in operations:

@@ -47,7 +47,7 @@ def jax_thread_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def build_network(topology):
+def build_network(topology, deep_supervision: bool = True):
     import torch
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
@@ -68,7 +68,7 @@ def build_network(topology):
         norm_op_kwargs={"eps": 1e-5, "affine": True},
         nonlin=torch.nn.LeakyReLU,
         nonlin_kwargs={"negative_slope": 1e-2, "inplace": True},
-        deep_supervision=True,
+        deep_supervision=deep_supervision,
     )
 
 
@@ -100,32 +100,84 @@ def deep_supervision_loss(outputs, label, num_classes: int):
     return loss
 
 
-def prepare_train_step(topology, dtype: str, threads: int | None = None) -> Prepared:
-    """A PyTorch training step of ``topology`` ready to time; ``info`` has the parameter count."""
+def prepare_train_step(topology, dtype: str, threads: int | None = None, device: str = "cpu") -> Prepared:
+    """A PyTorch training step of ``topology`` ready to time; ``info`` has the parameter count.
+
+    ``device="cuda"`` follows nnU-Net's GPU trainer instead: ``cudnn.benchmark``, channels-first
+    tensors, and for ``dtype="bfloat16"`` nnU-Net's AMP (float16 autocast with a ``GradScaler``)."""
     import torch
 
     torch.set_num_threads(threads or jax_thread_count())
     torch.manual_seed(0)
+    cuda = device == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
     memory_format = torch.channels_last_3d if topology.dims == 3 else torch.channels_last
-    network = build_network(topology).to(memory_format=memory_format)
+    if cuda:
+        memory_format = torch.contiguous_format
+    network = build_network(topology).to(device=device, memory_format=memory_format)
     optimizer = torch.optim.SGD(network.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
-    image = torch.randn(topology.batch, topology.in_channels, *topology.patch).to(memory_format=memory_format)
-    label = torch.randint(0, topology.num_classes, (topology.batch, *topology.patch))
+    image = torch.randn(topology.batch, topology.in_channels, *topology.patch, device=device)
+    image = image.to(memory_format=memory_format)
+    label = torch.randint(0, topology.num_classes, (topology.batch, *topology.patch), device=device)
     autocast = dtype == "bfloat16"
+    autocast_dtype = torch.float16 if cuda else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda") if cuda and autocast else None
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device, dtype=autocast_dtype, enabled=autocast):
             outputs = network(image)
         loss = deep_supervision_loss(outputs, label, topology.num_classes)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
-        optimizer.step()
-        return loss.item()
+        if scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
+            optimizer.step()
+        else:  # nnU-Net's order: scaled backward, unscale, clip, scaler step, update
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
+            scaler.step(optimizer)
+            scaler.update()
+        return loss.item()  # waits for the device: the step's time includes all of its work
 
     info = {
         "parameters": sum(p.numel() for p in network.parameters()),
         "threads": torch.get_num_threads(),
+        "device": device,
+        "autocast": str(autocast_dtype).removeprefix("torch.") if autocast else "off",
         **versions(),
     }
     return Prepared(step, info)
+
+
+def prepare_forward(topology, dtype: str, threads: int | None = None, device: str = "cpu") -> Prepared:
+    """PyTorch inference of ``topology`` ready to time: the network without deep supervision in eval
+    mode under ``torch.inference_mode``, channels-last on CPU, ``dtype="bfloat16"`` under autocast
+    (float16 on CUDA, as nnU-Net predicts) -- what nnU-Net's predictor runs per sliding window."""
+    import torch
+
+    torch.set_num_threads(threads or jax_thread_count())
+    torch.manual_seed(0)
+    cuda = device == "cuda"
+    memory_format = (
+        torch.contiguous_format if cuda else (torch.channels_last_3d if topology.dims == 3 else torch.channels_last)
+    )
+    network = build_network(topology, deep_supervision=False).to(device=device, memory_format=memory_format).eval()
+    image = torch.randn(topology.batch, topology.in_channels, *topology.patch, device=device)
+    image = image.to(memory_format=memory_format)
+    autocast = dtype == "bfloat16"
+    autocast_dtype = torch.float16 if cuda else torch.bfloat16
+
+    def forward():
+        with torch.inference_mode(), torch.autocast(device, dtype=autocast_dtype, enabled=autocast):
+            network(image)
+        if cuda:  # CPU calls return when done; a CUDA launch must be waited for, as JAX's side is
+            torch.cuda.synchronize()
+
+    info = {
+        "threads": torch.get_num_threads(),
+        "device": device,
+        "autocast": str(autocast_dtype) if autocast else "off",
+    }
+    return Prepared(forward, {**info, **versions()})

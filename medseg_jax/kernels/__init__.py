@@ -9,5 +9,5 @@ a whole model's layers are tuned above the models, in :mod:`medseg_jax.bench.mod
 """
 
 from medseg_jax.kernels.conv import CONV_IMPLEMENTATIONS, conv  # noqa: F401
-from medseg_jax.kernels.select import BACKEND_DEFAULTS, default_implementation, resolve  # noqa: F401
+from medseg_jax.kernels.select import AUTO_PREFERENCES, default_implementation, resolve  # noqa: F401
 from medseg_jax.kernels.upsample import UPSAMPLE_IMPLEMENTATIONS, upsample  # noqa: F401

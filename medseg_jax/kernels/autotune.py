@@ -3,12 +3,14 @@ timings on disk. Choosing implementations for a whole model's layers sits above 
 :func:`medseg_jax.bench.model_tuning.autotune_model` (kernels never import models).
 
 What is timed: one jitted forward + backward (the VJP for a fixed cotangent, with respect to input
-and kernel) per implementation, after one warm-up call, the median of ``runs`` calls, implementations
-called round-robin (:func:`medseg_jax.kernels.timing.time_round_robin`).
+and kernel) per implementation -- or the forward pass alone for a case with ``backward=False``
+(inference) -- after one warm-up call, the median of ``runs`` calls, implementations called
+round-robin (:func:`medseg_jax.kernels.timing.time_round_robin`).
 
 Cache: a JSON file, ``$MEDSEG_JAX_CACHE/autotune.json`` when that variable is set, else
 ``$XDG_CACHE_HOME/medseg_jax/autotune.json`` (``~/.cache/...`` without it), written atomically. One
-entry per device kind, operation, shapes, strides and dtype; entries are reused unless ``refresh``.
+entry per device kind, operation, shapes, strides, dtype (and ``forward`` for forward-only timings);
+entries are reused unless ``refresh``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from medseg_jax.atomic import write_json_atomic
-from medseg_jax.kernels.select import backend_name, implementations, pallas_interpreted, resolve
+from medseg_jax.cache import cache_dir
+from medseg_jax.kernels.select import backend_name, implementations, pallas_interpreted, resolve, unavailable_reason
 from medseg_jax.kernels.timing import time_round_robin
 
 CACHE_VERSION = 1
@@ -33,19 +36,22 @@ CACHE_VERSION = 1
 @dataclasses.dataclass(frozen=True)
 class OpCase:
     """One call of an operation: input ``(N, *S, C_in)``, kernel ``(*k, C_in, C_out)``, strides, dtype.
-    For ``upsample`` the kernel's spatial shape equals the strides."""
+    For ``upsample`` the kernel's spatial shape equals the strides. ``backward``: timed with its
+    gradients (training) or the forward pass alone (inference)."""
 
     operation: str
     input_shape: tuple[int, ...]
     kernel_shape: tuple[int, ...]
     strides: tuple[int, ...]
     dtype: str = "float32"
+    backward: bool = True
 
     def key(self, device: str) -> str:
         shape = lambda s: "x".join(map(str, s))
+        # forward-only timings get their own entries; forward + backward keys stay as they always were
         return (
             f"{device}|{self.operation}|in={shape(self.input_shape)}|kernel={shape(self.kernel_shape)}"
-            f"|strides={shape(self.strides)}|{self.dtype}"
+            f"|strides={shape(self.strides)}|{self.dtype}" + ("" if self.backward else "|forward")
         )
 
 
@@ -57,10 +63,7 @@ def device_id() -> str:
 
 def cache_path() -> Path:
     """Where autotune timings are kept (see the module docstring)."""
-    if os.environ.get("MEDSEG_JAX_CACHE"):
-        return Path(os.environ["MEDSEG_JAX_CACHE"]) / "autotune.json"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "medseg_jax" / "autotune.json"
+    return cache_dir() / "autotune.json"
 
 
 def load_cache(path: str | os.PathLike) -> dict:
@@ -82,21 +85,27 @@ def save_cache(path: str | os.PathLike, entries: dict) -> None:
 
 
 def default_candidates(operation: str) -> list[str]:
-    """Every registered implementation, less Pallas where it would run interpreted (orders of
-    magnitude slower: timing it on CPU is a waste)."""
+    """Every registered implementation that can run here (the optional oneDNN convolution only where
+    it is installed), less Pallas where it would run interpreted (orders of magnitude slower: timing
+    it on CPU is a waste)."""
     names = sorted(implementations(operation))
-    return [n for n in names if not (n == "pallas" and pallas_interpreted())]
+    runnable = [n for n in names if unavailable_reason(operation, n) is None]
+    return [n for n in runnable if not (n == "pallas" and pallas_interpreted())]
 
 
 def case_function(case: OpCase, implementation: str):
-    """``f(x, kernel, bias, cotangent) -> (y, dx, dkernel)`` for ``case``, jitted."""
+    """``f(x, kernel, bias, cotangent) -> (y, dx, dkernel)`` for ``case``, jitted; ``-> y`` when
+    ``case.backward`` is False (the cotangent is then unused)."""
     fn = implementations(case.operation)[implementation]
 
     def forward_backward(x, kernel, bias, cotangent):
         y, vjp = jax.vjp(lambda x, k: fn(x, k, bias, case.strides), x, kernel)
         return (y, *vjp(cotangent))
 
-    return jax.jit(forward_backward)
+    def forward(x, kernel, bias, cotangent):
+        return fn(x, kernel, bias, case.strides)
+
+    return jax.jit(forward_backward if case.backward else forward)
 
 
 def case_arguments(case: OpCase, key=None):
@@ -113,8 +122,8 @@ def case_arguments(case: OpCase, key=None):
 
 
 def time_case(case: OpCase, candidates: Sequence[str], runs: int = 3) -> dict[str, float]:
-    """Median seconds of one forward + backward per implementation (one warm-up round, which
-    compiles, then ``runs`` rounds round-robin)."""
+    """Median seconds of one forward + backward (forward only when ``case.backward`` is False) per
+    implementation (one warm-up round, which compiles, then ``runs`` rounds round-robin)."""
     args = case_arguments(case)
     calls = {}
     for name in candidates:

@@ -18,9 +18,12 @@ Implementations (all exact reformulations; they differ in rounding only):
 - ``depth_stack``: the depth taps concatenated along channels, then one 2D conv with ``k_0 * C_in``
   input channels: fewer, larger 2D convs than ``depth_sum``, at the price of a ``k_0``-fold copy of
   the input (kept for the backward pass: more activation memory). The CPU default (fastest in the
-  measured nnU-Net 3D training step).
+  measured nnU-Net 3D training step on XLA alone).
+- ``onednn``: oneDNN's CPU convolutions (the ones PyTorch runs) as XLA custom calls, for any number
+  of spatial axes (:mod:`.onednn`: optional, built on first use; imported only when called). The
+  fastest on x86 CPUs by far where it is installed.
 
-Inputs with fewer than 3 spatial axes take the ``xla`` path under every name (there is no smaller conv
+Inputs with fewer than 3 spatial axes take the ``xla`` path under the ``depth_*`` names (there is no smaller conv
 to reduce to that XLA would run faster).
 """
 
@@ -111,10 +114,20 @@ def conv_depth_stack(x, kernel, bias, strides: Sequence[int]):
     return add_bias(y.reshape(batch, -1, *y.shape[1:]), bias)
 
 
+def conv_onednn(x, kernel, bias, strides: Sequence[int]):
+    """oneDNN's convolution (:func:`medseg_jax.kernels.onednn.conv`); the module is imported here, on
+    first use, because loading it may compile the extension. Raises
+    :class:`~medseg_jax.kernels.onednn.OnednnUnavailable` (saying what to install) where it cannot run."""
+    from medseg_jax.kernels import onednn
+
+    return onednn.conv(x, kernel, bias, strides)
+
+
 CONV_IMPLEMENTATIONS: dict[str, Callable] = {
     "xla": conv_xla,
     "depth_sum": conv_depth_sum,
     "depth_stack": conv_depth_stack,
+    "onednn": conv_onednn,
 }
 
 

@@ -16,6 +16,16 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REQUIRED_FIELDS = ("spatial_dims", "num_classes", "n_stages")  # kernels and strides have UNet defaults
 
 
+def compute_dtype(name: str) -> str:
+    """``model.dtype`` with ``"auto"`` resolved for JAX's default backend
+    (:func:`medseg_jax.kernels.select.default_compute_dtype`)."""
+    if name != "auto":
+        return name
+    from medseg_jax.kernels.select import default_compute_dtype
+
+    return default_compute_dtype()
+
+
 def build_unet(model_config, deep_supervision: bool | None = None) -> UNet:
     """The network a ModelConfig describes; ``deep_supervision`` overrides the config (inference wants
     only the full-resolution output; the parameters are the same either way)."""
@@ -40,7 +50,7 @@ def build_unet(model_config, deep_supervision: bool | None = None) -> UNet:
         upsample_implementation=c.upsample_implementation,
         conv_implementation=c.conv_implementation,
         remat_encoder=c.remat_encoder,
-        dtype=DTYPES[c.dtype],
+        dtype=DTYPES[compute_dtype(c.dtype)],
         param_dtype=DTYPES[c.param_dtype],
         **kwargs,
     )

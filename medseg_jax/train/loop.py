@@ -20,7 +20,7 @@ from pathlib import Path
 
 import jax
 
-from medseg_jax import checkpoint, parallel
+from medseg_jax import checkpoint, parallel, tuning
 from medseg_jax.atomic import json_safe, write_json_atomic, write_text_atomic
 from medseg_jax.config import to_dict
 from medseg_jax.errors import ConfigError
@@ -104,11 +104,15 @@ def train(
     progress: bool = True,
     log=lambda message: None,
     transfer_guard: str | None = None,
+    autotune: bool = False,
 ) -> TrainResult:
     """Train on fold ``fold`` of the store.
 
     ``transfer_guard`` (e.g. ``"disallow"``) runs every step under ``jax.transfer_guard``: a hidden
     host/device transfer in the step loop is then an error (tests use it; the hooks run outside it).
+    ``autotune``: before anything is compiled, time the implementations left at ``"auto"`` for one
+    device's training batch and train with the fastest (:mod:`medseg_jax.tuning`; recorded in
+    ``RUN/autotune.json``, never in the run's config, so the run resumes with or without it).
     """
     from tqdm.auto import tqdm
 
@@ -126,7 +130,11 @@ def train(
     split = setup.store_fold(store, fold)
     main = parallel.is_main_process()
 
-    model = build_unet(config.model)
+    model, tuning_record = build_unet(config.model), None
+    if autotune:  # before anything is compiled: every program below runs the tuned implementations
+        quiet = lambda message: None
+        shape = tuning.training_input_shape(run)
+        model, tuning_record = tuning.tune_model(model, shape, backward=True, log=log if main else quiet)
     mesh = parallel.make_mesh(config.mesh)
     optimizer, schedule = make_optimizer(config.train), make_lr_schedule(config.train)
     sample = setup.sample_input_shape(run)
@@ -163,6 +171,8 @@ def train(
             f"train.steps={config.train.steps} is below step {start} of the checkpoint in {run_dir / 'checkpoints'}: "
             "a run can be trained longer, not shortened"
         )
+    if main:
+        tuning.write_record(run_dir, tuning_record, from_step=start)
 
     augment_fn, batch_transform = augmentation(run)
     loader_options = dict(shard_index=jax.process_index(), shard_count=jax.process_count())

@@ -7,7 +7,13 @@ import pytest
 
 from medseg_jax.kernels import autotune
 from medseg_jax.kernels.autotune import OpCase, autotune_case, default_candidates, load_cache
-from medseg_jax.kernels.select import BACKEND_DEFAULTS, default_implementation, pallas_interpreted, resolve
+from medseg_jax.kernels.select import (
+    default_implementation,
+    pallas_interpreted,
+    preferences,
+    resolve,
+    unavailable_reason,
+)
 from medseg_jax.kernels.timing import time_round_robin
 from medseg_jax.kernels.upsample import UPSAMPLE_IMPLEMENTATIONS
 from medseg_jax.models import UNet
@@ -16,16 +22,37 @@ CASE = OpCase("conv", (1, 4, 6, 6, 2), (3, 3, 3, 2, 3), (1, 1, 1))
 
 
 def test_resolve_auto_per_backend_and_explicit_names():
-    assert resolve("conv", "auto", "cpu") == "depth_stack"
+    onednn_here = unavailable_reason("conv", "onednn", "cpu") is None
+    assert resolve("conv", "auto", "cpu") == ("onednn" if onednn_here else "depth_stack")
     assert resolve("conv", "auto", "cuda") == "xla"  # CUDA and ROCm are "gpu"
     assert resolve("upsample", "auto", "tpu") == "matmul"
     assert resolve("upsample", "auto", "some-new-backend") == "matmul"
     assert resolve("upsample", "conv_transpose", "cpu") == "conv_transpose"
-    assert default_implementation("conv", "cpu") == BACKEND_DEFAULTS["cpu"]["conv"]
+    assert default_implementation("conv", "cpu") == resolve("conv", "auto", "cpu")
     with pytest.raises(ValueError, match="'auto' or one of"):
         resolve("conv", "fft", "cpu")
     with pytest.raises(ValueError, match="unknown operation"):
         resolve("pool", "auto")
+
+
+def test_auto_preferences_follow_the_jax_line():
+    # Measured lines are used as they are; others take the nearest measured line's choice.
+    assert preferences("conv", "cpu", "0.10.2") == ("onednn", "depth_stack")
+    assert preferences("conv", "cpu", "0.12.0.1") == ("onednn", "depth_stack")
+    assert preferences("conv", "cpu", "0.13.1") == preferences("conv", "cpu", "0.12.0")
+    assert preferences("conv", "cpu", "0.9.0") == preferences("conv", "cpu", "0.10.0")
+    assert preferences("conv", "rocm") == ("xla",)
+    assert preferences("upsample", "some-new-backend") == ("matmul",)
+
+
+def test_auto_skips_the_onednn_convolution_where_it_cannot_run(monkeypatch):
+    from medseg_jax.kernels import onednn
+
+    monkeypatch.setattr(onednn, "unavailable_reason", lambda: "oneDNN is not installed")
+    assert unavailable_reason("conv", "onednn", "cpu") == "oneDNN is not installed"
+    assert resolve("conv", "auto", "cpu") == "depth_stack"
+    assert "onednn" not in default_candidates("conv")
+    assert unavailable_reason("conv", "onednn", "tpu") == "the onednn convolution runs on CPU only"
 
 
 def test_unet_gives_the_same_logits_whatever_the_implementations():
@@ -83,3 +110,20 @@ def test_round_robin_timer_interleaves_members_and_warms_up():
     assert {name: len(times) for name, times in samples.items()} == {"a": 3, "b": 3}
     assert all(t >= 0 for times in samples.values() for t in times)
     assert len(time_round_robin({"a": lambda: None}, runs=0, warmup=0)["a"]) == 1  # at least one run
+
+
+def test_compute_dtype_auto_is_bfloat16_only_on_cpus_that_multiply_it_with_onednn():
+    from medseg_jax.config import load_config
+    from medseg_jax.kernels.select import cpu_has_bfloat16, default_compute_dtype
+    from medseg_jax.models.factory import build_unet
+
+    assert cpu_has_bfloat16("processor: 0\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n")
+    assert cpu_has_bfloat16("flags : fpu amx_bf16")
+    assert not cpu_has_bfloat16("flags : fpu sse avx2 avx512f\n")
+    assert not cpu_has_bfloat16("")
+    assert default_compute_dtype("tpu") == default_compute_dtype("cuda") == "float32"
+    native = cpu_has_bfloat16() and unavailable_reason("conv", "onednn", "cpu") is None
+    assert default_compute_dtype("cpu") == ("bfloat16" if native else "float32")
+    sizes = ["model.spatial_dims=2", "model.num_classes=2", "model.n_stages=2"]
+    model = build_unet(load_config(None, [*sizes, "model.dtype=auto"]).model)
+    assert jnp.dtype(model.dtype) == jnp.dtype(default_compute_dtype()) and jnp.dtype(model.param_dtype) == jnp.float32

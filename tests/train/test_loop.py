@@ -453,3 +453,67 @@ def test_a_restore_error_that_is_not_damage_is_reported_and_nothing_set_aside(tm
         checkpoint.restore_latest_good(manager, other_network)
     manager.close()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
+
+
+def test_autotune_trains_records_the_choice_resumes_without_it_and_predicts_alike(
+    store_dir, tmp_path, monkeypatch, capsys
+):
+    """--autotune times the implementations for one device's batch and trains with them; the choice is
+    recorded in the run folder but never in the run's config, so the run resumes without --autotune;
+    predict --autotune (forward-only timings of a sliding-window call) segments like predict without."""
+    from medseg_jax.cli import main
+    from medseg_jax.data.image_io import read_nifti
+    from medseg_jax.kernels.select import implementations
+
+    monkeypatch.setenv("MEDSEG_JAX_CACHE", str(tmp_path / "cache"))
+    run_dir, messages = tmp_path / "tuned", []
+    overrides = [*OVERRIDES, "train.val_every=2"]
+    summary = train(  # fold -1: every case trains, nothing validates (no validation program to compile)
+        load_config(None, [*overrides, "train.steps=2"]),
+        store_dir,
+        run_dir,
+        fold=-1,
+        progress=False,
+        log=messages.append,
+        autotune=True,
+    )
+    assert summary.step == 2
+    assert any(m.startswith("autotune: timing ") and "conv shapes x" in m for m in messages), messages
+    assert any(m.startswith("autotune: conv -> ") for m in messages), messages
+    record = json.loads((run_dir / "autotune.json").read_text())
+    chosen = record["implementations"]
+    assert chosen["conv_implementation"] in implementations("conv")
+    assert chosen["upsample_implementation"] in implementations("upsample")
+    assert record["operations"]["conv"]["chosen"] == chosen["conv_implementation"]
+    assert record["timed"] == "forward and backward" and record["from_step"] == 0
+    assert record["input_shape"] == [2 // summary.mesh["data"], 32, 32, 1]  # one device's rows of the batch
+    assert load_config(run_dir / "config.yaml").model.conv_implementation == "auto"  # the user's config, as written
+    entries = json.loads((tmp_path / "cache" / "autotune.json").read_text())["entries"]
+    assert any("|conv|" in key for key in entries) and any("|upsample|" in key for key in entries)
+    assert not any(key.endswith("|forward") for key in entries)
+
+    messages.clear()  # resumed without --autotune: same parameters, the "auto" implementations
+    config = load_config(None, [*overrides, "train.steps=4"])
+    summary = train(config, store_dir, run_dir, fold=-1, progress=False, log=messages.append)
+    assert summary.step == 4 and any("resuming from step 2" in m for m in messages), messages
+    assert not any(m.startswith("autotune") for m in messages)
+    assert not (run_dir / "autotune.json").exists()  # what ran now is what config.yaml says
+
+    image = sorted((store_dir.parent / "raw" / "Dataset001_SynthLiver" / "imagesTr").iterdir())[0]
+    predicted = {}
+    for name, extra in (("plain", []), ("tuned", ["--autotune"])):
+        out = tmp_path / name
+        command = ["predict", "--model", str(run_dir), "-i", str(image), "-o", str(out / "case.nii.gz")]
+        assert main([*command, "--quiet", "--mirror-axes", "0", "--save-probabilities", *extra]) == 0
+        predicted[name] = (read_nifti(out / "case.nii.gz").array, np.load(out / "case.npz")["probabilities"])
+    printed = capsys.readouterr().out
+    assert "(forward, input (4, 32, 32, 1) float32" in printed  # batch 2 x 2 mirrorings, the plan's patch
+    assert "autotune: conv -> " in printed
+    entries = json.loads((tmp_path / "cache" / "autotune.json").read_text())["entries"]
+    assert any(key.endswith("|forward") for key in entries)
+    (labels, probabilities), (tuned_labels, tuned_probabilities) = predicted["plain"], predicted["tuned"]
+    np.testing.assert_allclose(tuned_probabilities, probabilities, atol=1e-4)  # implementations differ in rounding
+    top_two = np.sort(probabilities, axis=0)[-2:]
+    clear = top_two[1] - top_two[0] > 1e-3  # voxels whose winning class no rounding can change
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(tuned_labels[clear], labels[clear])
