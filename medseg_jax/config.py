@@ -59,7 +59,7 @@ class ModelConfig:
         "auto", "upsampling arithmetic: auto (the backend's fastest), matmul, conv_transpose, pallas"
     )
     conv_implementation: str = field(
-        "auto", "convolution arithmetic: auto (the backend's fastest), xla, depth_sum, depth_stack"
+        "auto", "convolution arithmetic: auto (the backend's fastest), onednn, xla, depth_sum, depth_stack"
     )
     dtype: Literal["float32", "bfloat16", "auto"] = field(
         "float32", "compute dtype (bfloat16 = mixed precision; auto = bfloat16 where measured faster at equal accuracy)"

@@ -125,7 +125,9 @@ def network_baseline(members: dict) -> str:
 
 
 def conv_candidates(dims: int) -> list[str]:
-    return default_candidates("conv") if dims >= 3 else ["xla"]
+    """The conv implementations worth timing: the depth_* ones run ``xla`` below 3 spatial axes."""
+    names = default_candidates("conv")
+    return names if dims >= 3 else [n for n in names if not n.startswith("depth_")]
 
 
 @dataclasses.dataclass
@@ -396,8 +398,6 @@ def layer_profile(topology: Topology, dtype: str, variant: tuple[str, str], runs
     rows = []
     for case, count in collections.Counter(layer_cases(model, topology.input_shape(), dtype)).items():
         name = resolve(case.operation, variant[0] if case.operation == "conv" else variant[1])
-        if case.operation == "conv" and topology.dims < 3:
-            name = "xla"  # what every conv implementation runs below 3 spatial axes
         seconds = time_case(case, [name], runs)[name]
         rows.append(
             {
