@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <sstream>
@@ -225,6 +226,8 @@ ffi::Error run_pass(Pass pass, ffi::AnyBuffer::Dimensions x_shape, void* x, ffi:
     }
     stream.wait();
   } catch (const dnnl::error& error) {
+    return ffi::Error::Internal(std::string("onednn conv: ") + error.what());
+  } catch (const std::exception& error) {  // e.g. std::bad_alloc: an error for XLA, never a crash
     return ffi::Error::Internal(std::string("onednn conv: ") + error.what());
   }
   return ffi::Error::Success();
