@@ -164,6 +164,10 @@ def cmd_train(args) -> int:
     from medseg_jax.config import load_config
 
     config = load_config(args.config, args.overrides)
+    if args.init_from is not None:  # the network (features, encoder, blocks) is the source run's
+        from medseg_jax.train.init_from import adopt_network
+
+        config = adopt_network(config, args.init_from)
     if config.train.deterministic:  # must be set before JAX starts its backend
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true"
     from medseg_jax.train.loop import train
@@ -182,6 +186,7 @@ def cmd_train(args) -> int:
         progress=not args.quiet,
         log=print,
         autotune=args.autotune,
+        init_from=args.init_from,
     )
     pseudo_dice, final_loss = summary.pseudo_dice, summary.final_loss
     print(
@@ -195,9 +200,13 @@ def cmd_train(args) -> int:
 def cmd_predict(args) -> int:
     import dataclasses
 
-    from medseg_jax.inference.predict import predict_input
+    from medseg_jax.errors import ConfigError
+    from medseg_jax.inference.predict import predict_input, prediction_mesh
     from medseg_jax.inference.run_folder import load_run
 
+    if args.report and args.output_format != "nifti":  # the pictures are drawn from the NIfTI masks
+        raise ConfigError("--report needs --output-format nifti (the report is drawn from the NIfTI masks)")
+    mesh = prediction_mesh(args.devices)  # before loading the run: a wrong --devices fails at once
     model, params, plan, config = load_run(args.model, args.checkpoint)
     inference = config.inference
     changes = {k: v for k, v in dict(step_size=args.step, batch_size=args.batch_size).items() if v is not None}
@@ -207,10 +216,14 @@ def cmd_predict(args) -> int:
         changes["mirror_axes"] = tuple(args.mirror_axes)
     inference = dataclasses.replace(inference, **changes)
     if args.autotune:  # before anything is compiled: the sliding window runs the tuned implementations
+        from medseg_jax.models.ensemble import Ensemble
         from medseg_jax.tuning import inference_input_shape, tune_model
 
         shape = inference_input_shape(plan, inference, config.model.in_channels)
-        model, _ = tune_model(model, shape, backward=False, log=print)
+        if isinstance(model, Ensemble):  # every member has the same layers: tune one, use it for all
+            model = model.clone(network=tune_model(model.network, shape, backward=False, log=print)[0])
+        else:
+            model, _ = tune_model(model, shape, backward=False, log=print)
     summaries = predict_input(
         args.input,
         args.output,
@@ -219,10 +232,14 @@ def cmd_predict(args) -> int:
         plan,
         inference,
         save_probabilities=args.save_probabilities,
+        statistics=args.statistics,
         skip_existing=args.skip_existing,
         progress=not args.quiet,
         largest_component=False if args.largest_component is None else (args.largest_component or True),
         accumulate="host" if args.memory_bounded else "device",
+        mesh=mesh,
+        output_format=args.output_format,
+        series_uid=args.series_uid,
     )
     for summary in summaries:
         volumes = ", ".join(f"{name} {ml:.1f} mL" for name, ml in summary.get("volume_ml", {}).items())
@@ -233,6 +250,41 @@ def cmd_predict(args) -> int:
         for image_path, label_path in predicted_pairs(args.input, args.output, len(plan["channel_names"])):
             picture = report_picture(label_path, names, image_path=image_path)
             print(f"report: {picture}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from medseg_jax.inference.export import EXAMPLE_NAME, export_run
+
+    metadata = export_run(args.model, args.out, platforms=args.platforms, checkpoint_choice=args.checkpoint)
+    patch = "x".join(str(p) for p in metadata["inference"]["patch_size"])
+    print(
+        f"exported {args.model} ({metadata['plan']['dim']}D, {len(metadata['labels'])} classes, patch {patch}, "
+        f"{metadata['function']['parameters']} parameter arrays) for {' '.join(metadata['platforms'])} -> {args.out}"
+    )
+    print(f"predict without medseg-jax: python {Path(args.out) / EXAMPLE_NAME} -i SCAN.nii.gz -o MASK.nii.gz")
+    return 0
+
+
+def fold_argument(value: str):
+    """``--folds``: a fold number or ``all``."""
+    if value == "all" or value.isdigit():
+        return value if value == "all" else int(value)
+    raise argparse.ArgumentTypeError(f"a fold is a number or 'all', got {value!r}")
+
+
+def cmd_import_nnunet(args) -> int:
+    from medseg_jax.nnunet.importer import import_nnunet
+
+    folds = "all" if args.folds == ["all"] else args.folds
+    summary = import_nnunet(args.model_folder, args.out, folds=folds, checkpoint=args.checkpoint)
+    mirror = summary["inference_allowed_mirroring_axes"]
+    print(
+        f"imported {summary['model_folder']} ({summary['dim']}D {summary['configuration']}, folds "
+        f"{', '.join(summary['folds'])}, {summary['checkpoint']}, {summary['parameters']:,} parameters, mirroring "
+        f"{'off' if not mirror else 'axes ' + ' '.join(str(a) for a in mirror)}) -> {args.out}"
+    )
+    print(f"predict with: medseg-jax predict --model {args.out} -i IMAGES -o OUTPUT")
     return 0
 
 
@@ -436,6 +488,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="time the conv / upsampling implementations left at 'auto' for this run's layer shapes before "
         "compiling, and train with the fastest (timings cached; the choice is written to OUT/autotune.json)",
     )
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="start from this run's weights and network (a trained or `import-nnunet` run folder); heads are "
+        "re-initialised when the number of classes differs",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_args(p)
     p.set_defaults(handler=cmd_train)
@@ -457,6 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mirror", action="store_true", help="no mirroring test-time augmentation")
     p.add_argument("--save-probabilities", action="store_true", help="also write {case}.npz class probabilities")
     p.add_argument(
+        "--statistics",
+        action="store_true",
+        help="also write {case}.statistics.json: per class the volume in mL and the mean scan intensity (HU for CT)",
+    )
+    p.add_argument(
         "--largest-component",
         type=int,
         nargs="*",
@@ -465,6 +530,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep only the largest connected component of these classes (no value: every class)",
     )
     p.add_argument("--memory-bounded", action="store_true", help="accumulate windows on the host (large scans)")
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        metavar="N",
+        help="split the windows over the first N local devices (default: all; JAX_PLATFORMS picks cpu / cuda)",
+    )
     p.add_argument("--skip-existing", action="store_true", help="skip cases whose output exists")
     p.add_argument(
         "--autotune",
@@ -477,8 +549,57 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write report/<case>.png: axial, coronal and sagittal views through each class",
     )
+    p.add_argument(
+        "--output-format",
+        choices=("nifti", "dicom-seg"),
+        default="nifti",
+        help="nifti: {case}.nii.gz label maps; dicom-seg: {case}.dcm DICOM Segmentation objects referencing the "
+        "input series, one segment per class (DICOM input only)",
+    )
+    p.add_argument(
+        "--series-uid",
+        default=None,
+        metavar="UID",
+        help="SeriesInstanceUID of the series to predict when the DICOM folder holds several",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_predict)
+
+    p = sub.add_parser(
+        "export", help="write a trained network as jax.export StableHLO + JSON + a predictor that needs no medseg-jax"
+    )
+    p.add_argument("--model", type=Path, required=True, help="training run folder (from `medseg-jax train`)")
+    p.add_argument("--out", type=Path, required=True, help="export folder to write (must not exist or be empty)")
+    p.add_argument(
+        "--platforms",
+        nargs="+",
+        default=["cpu", "cuda", "tpu"],
+        metavar="PLATFORM",
+        help="platforms the exported function runs on: cpu, cuda, rocm, tpu (default: cpu cuda tpu)",
+    )
+    p.add_argument("--checkpoint", choices=("latest", "best"), default="latest", help="which checkpoint to export")
+    p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser(
+        "import-nnunet", help="convert an nnU-Net v2 trained-model folder into a run folder predict and train use"
+    )
+    p.add_argument(
+        "model_folder",
+        type=Path,
+        help="nnU-Net results folder Dataset.../Trainer__Plans__Configuration (with plans.json)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="run folder to write (must not exist or be empty)")
+    p.add_argument(
+        "--folds",
+        type=fold_argument,
+        nargs="+",
+        default=["all"],
+        help="folds to import (several: an ensemble averaging their logits); default: all that have the checkpoint",
+    )
+    p.add_argument(
+        "--checkpoint", choices=("final", "best"), default="final", help="checkpoint_final.pth or checkpoint_best.pth"
+    )
+    p.set_defaults(handler=cmd_import_nnunet)
 
     p = sub.add_parser("evaluate", help="Dice, IoU, HD95, ASSD, NSD and volumes of predictions against references")
     p.add_argument("--pred", type=Path, required=True, help="folder of predicted label maps (NIfTI)")

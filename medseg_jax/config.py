@@ -66,6 +66,11 @@ class ModelConfig:
     )
     param_dtype: Literal["float32", "bfloat16"] = field("float32", "storage dtype of parameters")
     remat_encoder: bool = field(False, "recompute encoder activations in the backward pass (saves memory)")
+    ensemble: int = field(
+        1,
+        "networks (own parameters each) whose logits are averaged, as nnU-Net's fold ensembles; training needs 1",
+        ge=1,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -92,7 +92,7 @@ def _select_series(folder: Path, headers, series_uid: str | None):
     if len(groups) > 1:
         raise DataError(
             f"{folder}: contains {len(groups)} DICOM series: {_describe(groups)}. "
-            "Pass series_uid=<SeriesInstanceUID> to choose one."
+            "Pass series_uid=<SeriesInstanceUID> (medseg-jax predict --series-uid) to choose one."
         )
     ((uid, members),) = groups.items()
     return uid, members
@@ -107,6 +107,11 @@ def _describe(groups) -> str:
     return "; ".join(parts)
 
 
+def _sop_class_name(ds) -> str:
+    uid = ds.get("SOPClassUID")
+    return f"{uid.name}" if uid is not None and uid.name != uid else f"SOP class {uid or 'unknown'}"
+
+
 def _floats(ds, name: str) -> np.ndarray:
     return np.array([float(v) for v in ds.get(name)], dtype=np.float64)
 
@@ -118,7 +123,11 @@ def _common_geometry(members) -> dict:
         if missing:
             raise DataError(f"{path}: not a usable image slice, missing {', '.join(missing)}")
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise DataError(f"{path}: multi-frame DICOM files are not supported (one slice per file expected)")
+            raise DataError(
+                f"{path}: an enhanced (multi-frame) image with {int(ds.NumberOfFrames)} frames "
+                f"({_sop_class_name(ds)}); only series stored one slice per file are read. Convert it to "
+                "single-frame files (e.g. dcmtk/dicom3tools emf2sf) or to NIfTI (e.g. dcm2niix) first."
+            )
         if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
             raise DataError(f"{path}: colour images (SamplesPerPixel > 1) are not supported")
     first_path, first = members[0]
@@ -246,7 +255,8 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
 
     Returns a float32 :class:`Volume` of shape ``(columns, rows, slices)`` holding rescaled values (HU
     for CT) with a voxel -> RAS mm affine, and metadata ``source``, ``series_instance_uid``,
-    ``modality``, ``transfer_syntax``. Raises :class:`DataError` naming the folder / files on any problem.
+    ``modality``, ``transfer_syntax`` and ``files`` (the slice files, in k order). Raises :class:`DataError`
+    naming the folder / files on any problem.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -266,5 +276,7 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
         "series_instance_uid": uid,
         "modality": str(members[0][1].get("Modality", "") or ""),
         "transfer_syntax": transfer_syntax,
+        # the slice files in k order: a DICOM-SEG written for this volume references them frame by frame
+        "files": [str(members[index][0]) for index in order],
     }
     return Volume(array=array, affine=affine, metadata=metadata)

@@ -93,13 +93,19 @@ def write_nifti(volume: Volume, path: str | os.PathLike, dtype=None) -> Path:
     return path
 
 
-def read_image(path: str | os.PathLike) -> Volume:
-    """Read a scan: a NIfTI file (``.nii`` / ``.nii.gz``) or a folder holding one DICOM series."""
+def read_image(path: str | os.PathLike, series_uid: str | None = None) -> Volume:
+    """Read a scan: a NIfTI file (``.nii`` / ``.nii.gz``) or a folder holding one DICOM series.
+
+    ``series_uid`` picks one series of a DICOM folder that holds several; for a NIfTI file it is an
+    error, as silently ignoring it would predict a scan the caller did not ask for.
+    """
     path = Path(path)
     if path.is_dir():
-        return read_dicom_series(path)
+        return read_dicom_series(path, series_uid)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
+    if series_uid is not None:
+        raise DataError(f"{path}: a series UID ({series_uid}) selects a series of a DICOM folder, not of a file")
     if is_nifti(path):
         return read_nifti(path)
     raise DataError(

@@ -20,26 +20,44 @@ from medseg_jax.errors import ConfigError
 _MIN_STD = 1e-8
 
 
-def normalize_channel(channel: np.ndarray, scheme: dict) -> np.ndarray:
+def normalize_channel(channel: np.ndarray, scheme: dict, mask: np.ndarray | None = None) -> np.ndarray:
     """Normalise one channel according to a plan's per-channel ``scheme`` dict.
 
     - ``"ct"``: clip to the dataset's foreground ``[percentile_00_5, percentile_99_5]``, then
       ``(x - mean) / std`` with the dataset's foreground mean and std (nnU-Net's CTNormalization).
-    - ``"zscore"``: ``(x - mean) / std`` with this case's own mean and std over all voxels.
+    - ``"zscore"``: ``(x - mean) / std`` with this case's own mean and std over all voxels; with
+      ``"use_mask": true`` (nnU-Net's ``use_mask_for_norm``) only the voxels of ``mask`` are used and
+      changed, the others stay as they are (zero: the mask is the non-zero region).
     - ``"hu_window"``: clip to the fixed window ``[lower, upper]`` and map it linearly to ``[0, 1]``
       (MONAI's ``ScaleIntensityRange`` convention, e.g. the abdominal window -175..250 HU).
+    - ``"rescale_01"``: ``(x - min) / max(x - min)`` of this case (nnU-Net's RescaleTo01Normalization).
+    - ``"none"``: unchanged (nnU-Net's NoNormalization).
     """
     x = np.asarray(channel, dtype=np.float32)
     name = scheme.get("scheme")
     if name == "ct":
         x = np.clip(x, scheme["percentile_00_5"], scheme["percentile_99_5"])
         return ((x - scheme["mean"]) / max(float(scheme["std"]), _MIN_STD)).astype(np.float32)
+    if name == "zscore" and scheme.get("use_mask"):
+        if mask is None or mask.shape != x.shape:
+            raise ConfigError("normalization scheme 'zscore' with use_mask needs the non-zero mask of the image")
+        out = x.copy()
+        inside = x[mask]
+        out[mask] = (inside - inside.mean()) / max(float(inside.std()), _MIN_STD)
+        return out
     if name == "zscore":
         return ((x - x.mean()) / max(float(x.std()), _MIN_STD)).astype(np.float32)
     if name == "hu_window":
         lower, upper = float(scheme["lower"]), float(scheme["upper"])
         return ((np.clip(x, lower, upper) - lower) / (upper - lower)).astype(np.float32)
-    raise ConfigError(f"normalization scheme {name!r} is unknown (expected 'ct', 'zscore' or 'hu_window')")
+    if name == "rescale_01":
+        shifted = x - x.min()
+        return (shifted / max(float(shifted.max()), _MIN_STD)).astype(np.float32)
+    if name == "none":
+        return x.copy()
+    raise ConfigError(
+        f"normalization scheme {name!r} is unknown (expected 'ct', 'zscore', 'hu_window', 'rescale_01' or 'none')"
+    )
 
 
 def denoise(channel: np.ndarray, options: dict, spacing: Sequence[float], in_plane_only: bool = False) -> np.ndarray:

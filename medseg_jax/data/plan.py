@@ -68,6 +68,8 @@ SCHEME_KEYS = {
     "ct": ("mean", "std", "percentile_00_5", "percentile_99_5"),
     "zscore": (),
     "hu_window": ("lower", "upper"),
+    "rescale_01": (),  # nnU-Net's RescaleTo01Normalization (plans imported from nnU-Net)
+    "none": (),  # nnU-Net's NoNormalization
 }
 
 

@@ -14,6 +14,12 @@ Order of operations (:func:`preprocess_case`), per case:
    the intensity scale the network sees. (nnU-Net normalises before resampling; normalising after it
    also clips the spline overshoot of order-3 resampling.)
 
+Plans imported from nnU-Net (:mod:`medseg_jax.nnunet.preprocessing`) reproduce nnU-Net's own steps
+instead: ``plan["orientation"]`` replaces 1 by a permutation of the file's (or RAS) voxel axes,
+``preprocessing.normalize_before_resampling`` moves 5 before 3 (``zscore`` with ``use_mask`` then
+normalises inside the non-zero mask, holes filled, as nnU-Net's ``use_mask_for_norm``), and
+``resampling.clip_to_input_range`` clips each resize to its input's range (scikit-image's ``resize``).
+
 :func:`restore_geometry` undoes 3, 2 and 1 for a network output so it lands on the original file's grid.
 """
 
@@ -23,12 +29,13 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+from scipy.ndimage import binary_fill_holes
 
 from medseg_jax.data.image_io import read_case
 from medseg_jax.data.intensity import clahe, denoise, normalize_channel
 from medseg_jax.data.plan import check_plan
 from medseg_jax.data.resample import resample_image, resample_label, resample_probabilities
-from medseg_jax.data.volume import Volume, from_ras, to_ras
+from medseg_jax.data.volume import Volume, from_ras, permute_axes, to_ras
 from medseg_jax.errors import ConfigError, DataError, MedsegError
 from medseg_jax.process_pool import map_in_processes
 
@@ -78,6 +85,49 @@ def _source(volume: Volume) -> str:
     return str(volume.metadata.get("source", "<in-memory volume>"))
 
 
+def orient(volume: Volume, orientation: dict | None) -> Volume:
+    """A volume in the plan's voxel order: RAS (``orientation`` None), or ``orientation["axes"]`` of the
+    ``"file"``'s voxel axes or of the ``"ras"`` axes (plans imported from nnU-Net). Exact."""
+    if orientation is None:
+        return to_ras(volume)
+    if volume.array.ndim != 3:
+        raise DataError(f"{_source(volume)}: a plan with an axis order needs 3D images, got shape {volume.shape}")
+    frame = volume if orientation["frame"] == "file" else to_ras(volume)
+    return permute_axes(frame, orientation["axes"])
+
+
+def unorient(volume: Volume, orientation: dict | None, original_affine, original_shape) -> Volume:
+    """Undo :func:`orient` for a volume on the oriented grid: the original file's voxel order and affine."""
+    if orientation is not None:
+        volume = permute_axes(volume, np.argsort(orientation["axes"]))
+        if orientation["frame"] == "file":
+            if volume.shape != tuple(original_shape):
+                raise DataError(f"volume of shape {volume.shape} does not match the original {tuple(original_shape)}")
+            return Volume(volume.array, np.asarray(original_affine, dtype=np.float64), dict(volume.metadata))
+    return from_ras(volume, original_affine, original_shape)
+
+
+def nonzero_mask(image: np.ndarray) -> np.ndarray:
+    """Where any channel of ``image (C, *spatial)`` is != 0, holes filled (nnU-Net's ``create_nonzero_mask``;
+    the region ``use_mask_for_norm`` normalises)."""
+    return binary_fill_holes(np.any(image != 0, axis=0))
+
+
+def _normalize(image: np.ndarray, plan: dict, spacing) -> np.ndarray:
+    """Denoise, CLAHE and normalise every channel of ``image (C, *spatial)`` as the plan says."""
+    options = plan["preprocessing"]
+    mask = nonzero_mask(image) if any(s.get("use_mask") for s in plan["normalization"]) else None
+    channels = []
+    for c, scheme in enumerate(plan["normalization"]):
+        x = image[c]
+        if options["denoise"] is not None:
+            x = denoise(x, options["denoise"], spacing, in_plane_only=plan["dim"] == 2)
+        if options["clahe"] is not None:
+            x = clahe(x, options["clahe"], _intensity_window(scheme))
+        channels.append(normalize_channel(x, scheme, mask=mask))
+    return np.stack(channels).astype(np.float32)
+
+
 def preprocess_case(images: list[Volume], label: Volume | None, plan: dict):
     """Preprocess one case: ``(image float32 (C, *spatial), label uint8 (*spatial) or None, properties)``.
 
@@ -93,8 +143,9 @@ def preprocess_case(images: list[Volume], label: Volume | None, plan: dict):
             f"{_source(images[0]) if images else 'case'}: {len(images)} channel volume(s) given, "
             f"the plan expects {len(plan['channel_names'])} ({plan['channel_names']})"
         )
-    ras = [to_ras(v) for v in images]
-    label_ras = to_ras(label) if label is not None else None
+    orientation = plan.get("orientation")
+    ras = [orient(v, orientation) for v in images]
+    label_ras = orient(label, orientation) if label is not None else None
     shapes = {v.shape for v in ras} | ({label_ras.shape} if label_ras is not None else set())
     if len(shapes) != 1:
         raise DataError(f"{_source(images[0])}: channel / label shapes differ after reorientation: {sorted(shapes)}")
@@ -111,19 +162,20 @@ def preprocess_case(images: list[Volume], label: Volume | None, plan: dict):
     image = crop(stack, bbox)
     shape_after_crop = image.shape[1:]
     resampling = plan.get("resampling", {})
-    image = resample_image(image, spacing, target, order=resampling.get("image_order", 3))
+    # nnU-Net normalises on the cropped grid and then resamples; medseg-jax's own plans normalise last
+    early = bool(plan["preprocessing"].get("normalize_before_resampling"))
+    if early:
+        image = _normalize(image, plan, spacing)
+    image = resample_image(
+        image,
+        spacing,
+        target,
+        order=resampling.get("image_order", 3),
+        clip=bool(resampling.get("clip_to_input_range")),
+    )
     new_shape = image.shape[1:]
-
-    options = plan["preprocessing"]
-    channels = []
-    for c, scheme in enumerate(plan["normalization"]):
-        x = image[c]
-        if options["denoise"] is not None:
-            x = denoise(x, options["denoise"], target, in_plane_only=plan["dim"] == 2)
-        if options["clahe"] is not None:
-            x = clahe(x, options["clahe"], _intensity_window(scheme))
-        channels.append(normalize_channel(x, scheme))
-    image = np.stack(channels).astype(np.float32)
+    if not early:
+        image = _normalize(image, plan, target)
 
     label_out = None
     if label_ras is not None:
@@ -154,18 +206,24 @@ def preprocess_case(images: list[Volume], label: Volume | None, plan: dict):
         ).tolist(),
         "num_channels": len(images),
     }
+    if orientation is not None:  # restore_geometry undoes the plan's axis order instead of RAS
+        properties["orientation"] = orientation
     return image, label_out, properties
 
 
-def restore_geometry(array: np.ndarray, properties: dict, kind: str | None = None):
+def restore_geometry(array: np.ndarray, properties: dict, kind: str | None = None, background: bool = True):
     """Bring a preprocessed-grid array back to the original file's grid (undo resample, crop, reorientation).
 
     ``array``: ``(*spatial)`` or ``(K, *spatial)`` on the preprocessed grid (``shape_after_resample``).
     ``kind`` (default inferred): ``"label"`` (integer / bool ``(*spatial)``: one-hot order-1 resampling +
     arg-max, zero outside the crop box), ``"image"`` (float ``(*spatial)``: order 3, zero outside),
     ``"probabilities"`` (``(K, *spatial)``: order 1, outside the crop box background probability 1, i.e.
-    channel 0 = 1 and the others 0). Returns a :class:`~medseg_jax.data.Volume` with the original
-    shape and affine, or for probabilities a list of K such volumes (one per class).
+    channel 0 = 1 and the others 0), ``"logits"`` (``(K, *spatial)``: order 1 as nnU-Net resamples logits;
+    outside the crop box 0 for class 0 and -inf for the others, so their softmax is background 1). Returns a
+    :class:`~medseg_jax.data.Volume` with the original shape and affine, or for probabilities and logits a
+    list of K such volumes (one per class). ``background=False``: channel 0 of ``array`` is not the
+    background class (one class at a time, as the memory-bounded prediction maps them), so for
+    probabilities it too is 0 outside the crop box, for logits -inf.
     """
     crop_shape = tuple(properties["shape_after_crop"])
     ndim = len(crop_shape)
@@ -174,7 +232,8 @@ def restore_geometry(array: np.ndarray, properties: dict, kind: str | None = Non
             kind = "probabilities"
         else:
             kind = "label" if np.issubdtype(array.dtype, np.integer) or array.dtype == bool else "image"
-    spatial = array.shape[1:] if kind == "probabilities" else array.shape
+    per_class = kind in ("probabilities", "logits")
+    spatial = array.shape[1:] if per_class else array.shape
     if list(spatial) != list(properties["shape_after_resample"]):
         raise DataError(
             f"restore_geometry: array spatial shape {tuple(spatial)} is not the preprocessed shape "
@@ -192,18 +251,22 @@ def restore_geometry(array: np.ndarray, properties: dict, kind: str | None = Non
     elif kind == "probabilities":
         back = resample_probabilities(array.astype(np.float32), target, original, new_shape=crop_shape)
         full = np.zeros((array.shape[0],) + ras_shape, dtype=np.float32)
-        full[0] = 1.0
+        full[0] = 1.0 if background else 0.0
+    elif kind == "logits":  # resampled as nnU-Net resamples logits; outside the box softmax gives background 1
+        back = resample_probabilities(array.astype(np.float32), target, original, new_shape=crop_shape)
+        full = np.full((array.shape[0],) + ras_shape, -np.inf, dtype=np.float32)
+        full[0] = 0.0 if background else -np.inf
     else:
-        raise DataError(f"restore_geometry: kind must be 'label', 'image' or 'probabilities', got {kind!r}")
+        raise DataError(f"restore_geometry: kind must be 'label', 'image', 'probabilities' or 'logits', got {kind!r}")
     full[(Ellipsis,) + region] = back
     ras_affine = np.asarray(properties["ras_affine"])
     original_affine = np.asarray(properties["original_affine"])
     original_shape = tuple(properties["original_shape"])
 
     def to_original(values):
-        return from_ras(Volume(values, ras_affine), original_affine, original_shape)
+        return unorient(Volume(values, ras_affine), properties.get("orientation"), original_affine, original_shape)
 
-    if kind == "probabilities":
+    if per_class:
         return [to_original(channel) for channel in full]
     return to_original(full)
 

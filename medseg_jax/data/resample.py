@@ -39,42 +39,55 @@ def separate_axis(
     """The axis to resample on its own with order 0, or ``None`` (nnU-Net's ``get_do_separate_z``).
 
     The old spacing decides first: if its largest / smallest ratio exceeds ``threshold`` the thickest old
-    axis is returned; otherwise the same test on the new spacing. Only 3D grids have such an axis.
+    axis is returned; otherwise the same test on the new spacing. Only 3D grids have such an axis, and only
+    when one axis alone is the thickest: with two equally thick axes (say 0.24 x 1.25 x 1.25 mm) nnU-Net
+    resamples all axes together (``determine_do_sep_z_and_axis``).
     """
     for candidate in (spacing, new_spacing):
         values = np.asarray(candidate, dtype=np.float64)
         if values.size == 3 and values.max() / values.min() > threshold:
-            return int(np.argmax(values))
+            thickest = np.flatnonzero(values == values.max())
+            return int(thickest[0]) if thickest.size == 1 else None
     return None
 
 
-def _zoom(array: np.ndarray, new_shape: Sequence[int], order: int) -> np.ndarray:
-    """Spline resampling of a float array to exactly ``new_shape`` (edge-aligned grids, edge padding)."""
+def _zoom(array: np.ndarray, new_shape: Sequence[int], order: int, clip: bool = False) -> np.ndarray:
+    """Spline resampling of a float array to exactly ``new_shape`` (edge-aligned grids, edge padding);
+    ``clip``: the result clipped to the input's range, as scikit-image's ``resize`` (nnU-Net's) does."""
     if tuple(array.shape) == tuple(new_shape):
         return array
     factors = np.asarray(new_shape, dtype=np.float64) / np.asarray(array.shape, dtype=np.float64)
     out = ndimage.zoom(array, factors, order=order, mode="nearest", grid_mode=True, prefilter=order > 1)
     assert out.shape == tuple(new_shape), (out.shape, new_shape)
+    if clip:
+        np.clip(out, array.min(), array.max(), out=out)
     return out
 
 
 def resample_array(
-    array: np.ndarray, new_shape: Sequence[int], order: int, axis: int | None = None, axis_order: int = 0
+    array: np.ndarray,
+    new_shape: Sequence[int],
+    order: int,
+    axis: int | None = None,
+    axis_order: int = 0,
+    clip: bool = False,
 ) -> np.ndarray:
     """Resample a float array ``(*spatial)`` to ``new_shape``.
 
     With ``axis`` set, slices across ``axis`` are resampled in-plane with ``order`` and then ``axis``
-    alone with ``axis_order`` (the anisotropic path described in the module docstring).
+    alone with ``axis_order`` (the anisotropic path described in the module docstring). ``clip``: every
+    resize is clipped to its input's range (the whole array, or each slice in-plane), as nnU-Net's
+    scikit-image ``resize`` calls are.
     """
     array = np.asarray(array, dtype=np.float32)
     new_shape = tuple(int(n) for n in new_shape)
     if array.shape == new_shape:
         return array.copy()
     if axis is None:
-        return _zoom(array, new_shape, order)
+        return _zoom(array, new_shape, order, clip)
     moved = np.moveaxis(array, axis, 0)
     in_plane = new_shape[:axis] + new_shape[axis + 1 :]
-    slices = np.stack([_zoom(s, in_plane, order) for s in moved])
+    slices = np.stack([_zoom(s, in_plane, order, clip) for s in moved])
     # The factor along the in-plane axes is now exactly 1, so order `axis_order` leaves them untouched.
     stacked = _zoom(slices, (new_shape[axis],) + in_plane, axis_order)
     return np.ascontiguousarray(np.moveaxis(stacked, 0, axis))
@@ -86,15 +99,17 @@ def resample_image(
     new_spacing: Sequence[float],
     order: int = 3,
     new_shape: Sequence[int] | None = None,
+    clip: bool = False,
 ) -> np.ndarray:
     """Resample a multi-channel image ``(C, *spatial)`` from ``spacing`` to ``new_spacing`` (float32).
 
-    ``new_shape`` overrides the computed grid size (used to go back to an exact original shape).
+    ``new_shape`` overrides the computed grid size (used to go back to an exact original shape); ``clip``
+    as in :func:`resample_array`.
     """
     spatial = image.shape[1:]
     new_shape = tuple(new_shape) if new_shape is not None else shape_for_spacing(spatial, spacing, new_spacing)
     axis = separate_axis(spacing, new_spacing)
-    return np.stack([resample_array(c, new_shape, order, axis) for c in image]).astype(np.float32)
+    return np.stack([resample_array(c, new_shape, order, axis, clip=clip) for c in image]).astype(np.float32)
 
 
 def resample_label(

@@ -196,3 +196,21 @@ def from_ras(volume: Volume, reference_affine: np.ndarray, reference_shape: tupl
             f"{affine}\nbut the reference affine is\n{reference_affine}"
         )
     return Volume(array=array, affine=reference_affine.copy(), metadata=dict(volume.metadata))
+
+
+def permute_axes(volume: Volume, axes) -> Volume:
+    """The same 3D volume with its voxel axes reordered: axis ``a`` of the result is axis ``axes[a]`` of
+    ``volume``. Exact, like :func:`to_ras`: the affine's columns follow, so every voxel keeps its world
+    position. Plans imported from nnU-Net use it to put the image in the axis order their network was
+    trained in (:mod:`medseg_jax.nnunet.preprocessing`); ``permute_axes(result, np.argsort(axes))``
+    undoes it."""
+    axes = tuple(int(a) for a in axes)
+    if volume.array.ndim != 3 or sorted(axes) != [0, 1, 2]:
+        raise DataError(
+            f"cannot reorder the axes of a volume of shape {volume.shape} by {axes}: needs a 3D volume and a "
+            "permutation of 0, 1, 2"
+        )
+    affine = volume.affine.copy()
+    affine[:3, :3] = volume.affine[:3, list(axes)]
+    array = np.ascontiguousarray(np.transpose(volume.array, axes))
+    return Volume(array=array, affine=affine, metadata=dict(volume.metadata))

@@ -265,9 +265,9 @@ def _host_accumulate(program, params, image, patch, step, batch_size, weight, wi
     total = np.zeros(padded.shape[1:-1], np.float32)
     for start in spatial_starts:
         total[tuple(slice(int(s), int(s) + p) for s, p in zip(start, patch))] += weight
-    logits = acc / total[None, ..., None]
+    acc /= total[None, ..., None]  # in place: a second K x voxels array is what host mode exists to avoid
     region = tuple(slice(lo, lo + n) for (lo, _), n in zip(widths, spatial))
-    return logits[(slice(None), *region, slice(None))]
+    return acc[(slice(None), *region, slice(None))]
 
 
 def _window_sharding(mesh, data_axis: str, batch_size: int):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from medseg_jax.errors import ConfigError
+from medseg_jax.models.ensemble import Ensemble
 from medseg_jax.models.unet import UNet, default_features
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -26,9 +27,10 @@ def compute_dtype(name: str) -> str:
     return default_compute_dtype()
 
 
-def build_unet(model_config, deep_supervision: bool | None = None) -> UNet:
+def build_unet(model_config, deep_supervision: bool | None = None):
     """The network a ModelConfig describes; ``deep_supervision`` overrides the config (inference wants
-    only the full-resolution output; the parameters are the same either way)."""
+    only the full-resolution output; the parameters are the same either way). With ``model.ensemble``
+    above 1, an :class:`~medseg_jax.models.ensemble.Ensemble` of that many such U-Nets."""
     c = model_config
     unset = [f"model.{name}" for name in REQUIRED_FIELDS if getattr(c, name) is None]
     if unset:
@@ -38,7 +40,7 @@ def build_unet(model_config, deep_supervision: bool | None = None) -> UNet:
         )
     optional = {"kernel_sizes": c.kernel_sizes, "strides": c.strides, "n_blocks_per_stage": c.n_blocks_per_stage}
     kwargs = {name: value for name, value in optional.items() if value is not None}
-    return UNet(
+    network = UNet(
         num_classes=c.num_classes,
         spatial_dims=c.spatial_dims,
         n_stages=c.n_stages,
@@ -54,3 +56,4 @@ def build_unet(model_config, deep_supervision: bool | None = None) -> UNet:
         param_dtype=DTYPES[c.param_dtype],
         **kwargs,
     )
+    return network if c.ensemble == 1 else Ensemble(network, c.ensemble)

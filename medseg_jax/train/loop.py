@@ -105,6 +105,7 @@ def train(
     log=lambda message: None,
     transfer_guard: str | None = None,
     autotune: bool = False,
+    init_from=None,
 ) -> TrainResult:
     """Train on fold ``fold`` of the store.
 
@@ -113,6 +114,9 @@ def train(
     ``autotune``: before anything is compiled, time the implementations left at ``"auto"`` for one
     device's training batch and train with the fastest (:mod:`medseg_jax.tuning`; recorded in
     ``RUN/autotune.json``, never in the run's config, so the run resumes with or without it).
+    ``init_from``: a run folder whose parameters a new run starts from (:mod:`medseg_jax.train.init_from`;
+    ``config.model`` must already carry its network settings, see ``adopt_network``); a resumed run
+    continues from its own checkpoint.
     """
     from tqdm.auto import tqdm
 
@@ -165,6 +169,10 @@ def train(
         log(f"resuming from step {step0} ({run_dir / 'checkpoints'})")
     else:
         state = jax.jit(init, out_shardings=state_shardings)(jax.random.key(config.train.seed))
+        if init_from is not None:
+            from medseg_jax.train.init_from import initialise_from
+
+            state = initialise_from(state, init_from, state_shardings, log if main else lambda message: None)
     start = int(jax.device_get(state.step))
     if start > config.train.steps:
         raise ConfigError(

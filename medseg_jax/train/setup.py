@@ -113,6 +113,11 @@ def resolve_model(model_config, plan: dict):
     the plan's is a ConfigError naming the key and both values; it is never silently replaced."""
     from medseg_jax.models.unet import default_features
 
+    if model_config.ensemble != 1:
+        raise ConfigError(
+            f"model.ensemble: {model_config.ensemble} networks are a prediction ensemble; training needs 1 "
+            "(fine-tune one fold of an imported model)"
+        )
     planned = plan_model_fields(plan)
     dims, n_stages = planned["spatial_dims"], planned["n_stages"]
     for key, plan_value in planned.items():

@@ -10,7 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEGLosslessSV1, generate_uid
 
 from medseg_jax.data.dicom import read_dicom_series
 from medseg_jax.data.image_io import read_case, read_image, read_nifti, read_nifti_header, write_nifti
@@ -408,12 +408,13 @@ def test_compressed_pixel_data_without_decoder_names_the_packages(tmp_path):
     from pydicom.encaps import encapsulate
     from pydicom.pixels import get_decoder
 
-    if get_decoder(JPEGLSLossless).is_available:
-        pytest.skip("a JPEG-LS decoder is installed, so the missing-decoder error cannot be provoked honestly")
+    # JPEG Lossless SV1: no decoder among the dependencies (highdicom brings a JPEG-LS one, Pillow a baseline one)
+    if get_decoder(JPEGLosslessSV1).is_available:
+        pytest.skip("a JPEG Lossless decoder is installed, so the missing-decoder error cannot be provoked honestly")
     folder = tmp_path / "s"
     folder.mkdir()
     for k, position in enumerate(_series_geometry(AXIAL)[:3]):
-        frame = b"\xff\xd8\xff\xf7" + bytes(32)  # never decoded: the check happens before decoding
-        _write_slice(folder / f"ls{k}", position, stored=encapsulate([frame]), transfer_syntax=JPEGLSLossless)
-    with pytest.raises(DataError, match=r"compressed as JPEG-LS Lossless.*no decoder.*pylibjpeg-libjpeg"):
+        frame = b"\xff\xd8\xff\xc3" + bytes(32)  # never decoded: the check happens before decoding
+        _write_slice(folder / f"ls{k}", position, stored=encapsulate([frame]), transfer_syntax=JPEGLosslessSV1)
+    with pytest.raises(DataError, match=r"compressed as JPEG Lossless.*no decoder.*pylibjpeg-libjpeg"):
         read_dicom_series(folder)
