@@ -15,6 +15,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,34 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def check_new_folder(path: str | os.PathLike, what: str = "folder") -> Path:
+    """``path`` as a Path when it does not exist or is an empty folder; DataError otherwise."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise DataError(f"--out {path} exists and is not an empty folder; choose a new {what}")
+    return path
+
+
+@contextlib.contextmanager
+def staged_folder(path: str | os.PathLike, what: str = "folder") -> Iterator[Path]:
+    """A temporary folder beside ``path`` to fill; renamed to ``path`` when the block ends without
+    error, removed on any error -- a failed write leaves nothing. ``path`` must not exist or be an
+    empty folder, before and after (:func:`check_new_folder`)."""
+    path = check_new_folder(path, what)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.parent / f".tmp-{path.name}-{secrets.token_hex(6)}"
+    staging.mkdir()
+    try:
+        yield staging
+        check_new_folder(path, what)  # nothing appeared there meanwhile
+        if path.exists():
+            path.rmdir()
+        staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

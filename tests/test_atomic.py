@@ -87,3 +87,20 @@ def test_read_json_names_the_file_and_the_problem(tmp_path):
     (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(DataError, match=r"binary\.json: cannot be read"):
         read_json(tmp_path / "binary.json")
+
+
+def test_staged_folder_appears_whole_or_not_at_all(tmp_path):
+    from medseg_jax.atomic import staged_folder
+
+    with staged_folder(tmp_path / "out") as staging:
+        (staging / "a.txt").write_text("a")
+        assert not (tmp_path / "out").exists()  # nothing visible until the block ends
+    assert (tmp_path / "out" / "a.txt").read_text() == "a"
+    with pytest.raises(RuntimeError, match="half way"):
+        with staged_folder(tmp_path / "failed") as staging:
+            (staging / "b.txt").write_text("b")
+            raise RuntimeError("half way")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder, no "failed"
+    with pytest.raises(DataError, match="not an empty folder"):
+        with staged_folder(tmp_path / "out"):
+            pass

@@ -26,7 +26,6 @@ The folder is written under a temporary name and renamed at the end, so a failed
 
 from __future__ import annotations
 
-import secrets
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -144,11 +143,6 @@ def export_metadata(plan: dict, inference_config, exported, parameter_paths, sou
     }
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"--out {out} exists and is not an empty folder; choose a new export folder")
-
-
 def export_predictor(
     model,
     params,
@@ -161,13 +155,12 @@ def export_predictor(
     """Write the export folder ``out`` (module docstring) for ``model`` / ``params`` predicting with
     ``plan`` and ``inference_config`` (an :class:`~medseg_jax.config.InferenceConfig`); returns
     ``export.json``'s contents. ``out`` must not exist or be empty."""
-    from medseg_jax.atomic import json_text
+    from medseg_jax.atomic import check_new_folder, json_text, staged_folder
     from medseg_jax.config import InferenceConfig
     from medseg_jax.data.plan import check_plan
     from medseg_jax.inference.sliding_window import gaussian_importance_map
 
-    out = Path(out)
-    _check_out(out)
+    out = check_new_folder(out, "export folder")
     platforms = check_platforms(platforms)
     check_plan(plan)
     inference_config = inference_config or InferenceConfig()
@@ -182,33 +175,23 @@ def export_predictor(
     metadata = export_metadata(plan, inference_config, exported, paths, source or {})
     weight = gaussian_importance_map(plan["patch_size"], inference_config.sigma_scale)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".tmp-export-{secrets.token_hex(6)}"
-    staging.mkdir()
-    try:
+    with staged_folder(out, "export folder") as staging:
         (staging / standalone.FUNCTION_NAME).write_bytes(bytes(exported.serialize()))
         with open(staging / standalone.PARAMETERS_NAME, "wb") as handle:
             np.savez(handle, **{f"{i:05d}": array for i, array in enumerate(stored)})
         np.save(staging / standalone.IMPORTANCE_MAP_NAME, np.asarray(weight, dtype=np.float32))
         shutil.copyfile(standalone.__file__, staging / EXAMPLE_NAME)
         (staging / standalone.METADATA_NAME).write_text(json_text(metadata, str(out / standalone.METADATA_NAME)))
-        _check_out(out)  # nothing appeared there meanwhile
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return metadata
 
 
 def export_run(run_dir, out, platforms: Sequence[str] = DEFAULT_PLATFORMS, checkpoint_choice: str = "latest") -> dict:
     """Export a training run folder (``checkpoint_choice``: ``latest`` or ``best``) with its plan and
     inference settings into ``out``; returns ``export.json``'s contents."""
+    from medseg_jax.atomic import check_new_folder
     from medseg_jax.inference.run_folder import load_run
 
-    out = Path(out)
-    _check_out(out)  # before the checkpoint is read: a wrong --out fails at once
+    out = check_new_folder(out, "export folder")  # before the checkpoint is read: a wrong --out fails at once
     platforms = check_platforms(platforms)
     model, params, plan, config = load_run(run_dir, checkpoint_choice)
     source = {"run": Path(run_dir).resolve().name, "checkpoint": checkpoint_choice}

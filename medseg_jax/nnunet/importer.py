@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import secrets
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -195,7 +193,7 @@ def write_run(out, config, plan: dict, params, source: dict) -> Path:
     import jax.numpy as jnp
 
     from medseg_jax import checkpoint
-    from medseg_jax.atomic import write_json_atomic
+    from medseg_jax.atomic import check_new_folder, staged_folder, write_json_atomic
     from medseg_jax.config import save_config, to_dict
     from medseg_jax.data.plan import write_plan
     from medseg_jax.inference.run_folder import CHECKPOINTS_NAME, CONFIG_NAME, PLAN_NAME
@@ -203,9 +201,7 @@ def write_run(out, config, plan: dict, params, source: dict) -> Path:
     from medseg_jax.train.optim import make_optimizer
     from medseg_jax.train.state import TrainState
 
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"--out {out} exists and is not an empty folder; choose a new run folder")
+    out = check_new_folder(out, "run folder")
     model = build_unet(config.model, deep_supervision=False)
     check_params(model, params, plan["patch_size"], config.model.in_channels)
     params = jax.tree_util.tree_map(jnp.asarray, params)
@@ -216,10 +212,7 @@ def write_run(out, config, plan: dict, params, source: dict) -> Path:
         rng=jax.random.key_data(jax.random.key(config.train.seed)),
         ema_params=None,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".tmp-import-{secrets.token_hex(6)}"
-    staging.mkdir()
-    try:
+    with staged_folder(out, "run folder") as staging:
         save_config(config, staging / CONFIG_NAME)
         write_plan(plan, staging / PLAN_NAME)
         write_json_atomic(staging / SOURCE_NAME, source)
@@ -230,12 +223,6 @@ def write_run(out, config, plan: dict, params, source: dict) -> Path:
             manager.wait_until_finished()
         finally:
             manager.close()
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

@@ -96,7 +96,7 @@ def _expect_failure(capsys, code, out, *messages):
     for message in messages:
         assert message in err, err
     assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(".tmp-import")]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_bad_model_folders_fail_clearly_and_write_nothing(tmp_path, capsys):
