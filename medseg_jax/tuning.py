@@ -61,7 +61,10 @@ def planned_timings(model, input_shape: Sequence[int], backward: bool) -> dict[s
 
     cases = layer_cases(model, input_shape, jnp.dtype(model.dtype).name, backward)
     return {
-        operation: (len({c for c in cases if c.operation == operation}), default_candidates(operation))
+        operation: (
+            len({c for c in cases if c.operation == operation}),
+            default_candidates(operation, len(input_shape) - 2),
+        )
         for operation, field_name in IMPLEMENTATION_FIELDS.items()
         if getattr(model, field_name) == "auto"
     }

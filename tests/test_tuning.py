@@ -64,8 +64,8 @@ PROCESS = textwrap.dedent("""
     from medseg_jax.models import UNet
     from medseg_jax.tuning import tune_model
 
-    model = UNet(num_classes=2, spatial_dims=2, n_stages=2, features=(2, 4))
-    tuned, record = tune_model(model, (1, 8, 8, 1), backward=True, cache=cache)
+    model = UNet(num_classes=2, spatial_dims=3, n_stages=2, features=(2, 4))
+    tuned, record = tune_model(model, (1, 8, 8, 8, 1), backward=True, cache=cache)
     own = {op: min(e["total_seconds"], key=e["total_seconds"].get) for op, e in record["operations"].items()}
     print(json.dumps({"implementations": record["implementations"], "own": own,
                       "model": [tuned.conv_implementation, tuned.upsample_implementation]}))
@@ -79,10 +79,10 @@ def seeded_cache(path, fastest: dict[str, str]) -> str:
     from medseg_jax.kernels import autotune
     from medseg_jax.models import UNet
 
-    model = UNet(num_classes=2, spatial_dims=2, n_stages=2, features=(2, 4))
+    model = UNet(num_classes=2, spatial_dims=3, n_stages=2, features=(2, 4))
     entries = {}
-    for case in layer_cases(model, (1, 8, 8, 1)):
-        names = autotune.default_candidates(case.operation)
+    for case in layer_cases(model, (1, 8, 8, 8, 1)):
+        names = autotune.default_candidates(case.operation, 3)
         seconds = {name: 1.0 if name == fastest[case.operation] else 2.0 for name in names}
         entries[case.key(autotune.device_id())] = {"seconds": seconds}
     autotune.save_cache(path, entries)

@@ -125,9 +125,7 @@ def network_baseline(members: dict) -> str:
 
 
 def conv_candidates(dims: int) -> list[str]:
-    """The conv implementations worth timing: the depth_* ones run ``xla`` below 3 spatial axes."""
-    names = default_candidates("conv")
-    return names if dims >= 3 else [n for n in names if not n.startswith("depth_")]
+    return default_candidates("conv", dims)
 
 
 @dataclasses.dataclass

@@ -88,7 +88,7 @@ def autotune_model(
     for operation, field_name in IMPLEMENTATION_FIELDS.items():
         if getattr(model, field_name) != "auto":
             continue
-        names = list((candidates or {}).get(operation) or default_candidates(operation))
+        names = list((candidates or {}).get(operation) or default_candidates(operation, len(input_shape) - 2))
         totals = dict.fromkeys(names, 0.0)
         op_cases = [c for c in cases if c.operation == operation]
         for case, count in collections.Counter(op_cases).items():  # each distinct shape timed once

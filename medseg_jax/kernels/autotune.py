@@ -84,12 +84,15 @@ def save_cache(path: str | os.PathLike, entries: dict) -> None:
     write_json_atomic(path, {"version": CACHE_VERSION, "entries": entries})
 
 
-def default_candidates(operation: str) -> list[str]:
+def default_candidates(operation: str, spatial_dims: int | None = None) -> list[str]:
     """Every registered implementation that can run here (the optional oneDNN convolution only where
     it is installed), less Pallas where it would run interpreted (orders of magnitude slower: timing
-    it on CPU is a waste)."""
+    it on CPU is a waste), and less the ``depth_*`` convolutions below 3 ``spatial_dims`` (they run
+    ``xla`` there: timing them would time one program three times)."""
     names = sorted(implementations(operation))
     runnable = [n for n in names if unavailable_reason(operation, n) is None]
+    if operation == "conv" and spatial_dims is not None and spatial_dims < 3:
+        runnable = [n for n in runnable if not n.startswith("depth_")]
     return [n for n in runnable if not (n == "pallas" and pallas_interpreted())]
 
 

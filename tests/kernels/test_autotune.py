@@ -127,3 +127,11 @@ def test_compute_dtype_auto_is_bfloat16_only_on_cpus_that_multiply_it_with_onedn
     sizes = ["model.spatial_dims=2", "model.num_classes=2", "model.n_stages=2"]
     model = build_unet(load_config(None, [*sizes, "model.dtype=auto"]).model)
     assert jnp.dtype(model.dtype) == jnp.dtype(default_compute_dtype()) and jnp.dtype(model.param_dtype) == jnp.float32
+
+
+def test_2d_candidates_do_not_time_one_program_three_times():
+    # Below 3 spatial axes the depth_* convolutions run xla: only distinct programs are candidates.
+    assert not [n for n in default_candidates("conv", 2) if n.startswith("depth_")]
+    assert "xla" in default_candidates("conv", 2)
+    assert {"depth_sum", "depth_stack"} <= set(default_candidates("conv", 3))
+    assert default_candidates("conv") == default_candidates("conv", 3)
