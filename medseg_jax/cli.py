@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from medseg_jax.errors import DataError, MedsegError, os_error_message
@@ -75,10 +76,14 @@ def cmd_plan(args) -> int:
     from medseg_jax.data.dataset import load_dataset, validate_dataset
     from medseg_jax.data.fingerprint import compute_fingerprint
     from medseg_jax.data.plan import make_plan, write_plan
+    from medseg_jax.data.planners import check_options, plan_file_name
     from medseg_jax.errors import ConfigError
 
     if args.voxel_budget is not None and not args.voxel_budget >= 1:  # checked before the long fingerprint
         raise ConfigError(f"--voxel-budget must be a number of voxels >= 1, got {args.voxel_budget:g}")
+    dim, configuration, _, _ = check_options(
+        args.dim, args.configuration, args.preset, args.voxel_budget, args.gpu_memory_gb
+    )
     dataset = load_dataset(args.dataset)
     validate_dataset(dataset)
     fingerprint = compute_fingerprint(dataset, num_workers=args.workers)
@@ -89,19 +94,23 @@ def cmd_plan(args) -> int:
         denoise = {"method": "median", "size": int(args.denoise_strength)}
     plan = make_plan(
         fingerprint,
-        dim=args.dim,
+        dim=dim,
+        configuration=configuration,
+        preset=args.preset,
         gpu_memory_gb=args.gpu_memory_gb,
         voxel_budget=args.voxel_budget,
         hu_window=args.hu_window,
         denoise=denoise,
         clahe={"clip_limit": args.clahe} if args.clahe else None,
     )
-    out = Path(args.out) if args.out else Path(args.dataset) / f"plan_{args.dim}d.json"
+    out = Path(args.out) if args.out else Path(args.dataset) / plan_file_name(configuration, args.preset)
     write_json_atomic(out.with_name("fingerprint.json"), fingerprint)
     write_plan(plan, out)
+    lowres = f" (3d_fullres: {plan['fullres_spacing']})" if "fullres_spacing" in plan else ""
     print(
-        f"plan ({args.dim}D) for {len(dataset.cases)} case(s): target spacing {plan['target_spacing']}, "
-        f"patch {plan['patch_size']}, batch {plan['batch_size']}, {plan['n_stages']} stages -> {out}"
+        f"plan ({configuration}, preset {args.preset}) for {len(dataset.cases)} case(s): target spacing "
+        f"{plan['target_spacing']}{lowres}, patch {plan['patch_size']}, batch {plan['batch_size']}, "
+        f"{plan['n_stages']} stages -> {out}"
     )
     return 0
 
@@ -187,69 +196,135 @@ def cmd_train(args) -> int:
         log=print,
         autotune=args.autotune,
         init_from=args.init_from,
+        final_validation=not args.no_final_validation,
     )
     pseudo_dice, final_loss = summary.pseudo_dice, summary.final_loss
+    validation = summary.final_validation_dice
     print(
         f"step {summary.step}/{summary.steps}, final loss {'-' if final_loss is None else f'{final_loss:.4f}'}, "
         f"pseudo-Dice {pseudo_dice if pseudo_dice is None else round(pseudo_dice, 4)}, "
-        f"{summary.seconds:.1f} s on mesh {summary.mesh} -> {args.out}"
+        + ("" if validation is None else f"final validation Dice {validation:.4f}, ")
+        + f"{summary.seconds:.1f} s on mesh {summary.mesh} -> {args.out}"
     )
     return 0
 
 
-def cmd_predict(args) -> int:
-    import dataclasses
+def cmd_cv(args) -> int:
+    from medseg_jax.config import load_config
+    from medseg_jax.train import cross_validation
 
+    summary: dict | None
+    if args.summarize:
+        summary = cross_validation.summarize(args.out, progress=not args.quiet)
+    elif args.data is None:
+        raise DataError("cv needs --data (the store from `medseg-jax preprocess`), or --summarize")
+    else:
+        config = load_config(args.config, args.overrides)
+        summary = cross_validation.cross_validate(
+            config, args.data, args.out, args.folds, progress=not args.quiet, log=print, autotune=args.autotune
+        )
+    if summary is None:
+        return 0
+    per_fold = ", ".join(f"fold {k} {v:.4f}" for k, v in summary["folds"].items())
+    print(
+        f"cross-validation of {summary['num_cases']} case(s): mean foreground Dice "
+        f"{summary['foreground_mean']['dice']:.4f} ({per_fold}) -> {Path(args.out) / cross_validation.CROSSVAL_DIR}"
+    )
+    return 0
+
+
+def cmd_find_best(args) -> int:
+    from medseg_jax.find_best import find_best
+
+    record = find_best(args.cv_dirs, args.out, allow_ensembles=not args.no_ensembles, log=print)
+    steps = record["postprocessing"]["steps"]
+    print(
+        f"best: {record['best']['name']} (mean foreground Dice {record['best']['dice']:.4f}; after postprocessing "
+        f"{record['postprocessing']['after']['foreground_dice']:.4f}, steps {steps}) -> {args.out}"
+    )
+    print(record["inference_instructions"], end="")
+    return 0
+
+
+def cmd_predict(args) -> int:
     from medseg_jax.errors import ConfigError
+    from medseg_jax.inference.model_sets import build_predictor
     from medseg_jax.inference.predict import predict_input, prediction_mesh
-    from medseg_jax.inference.run_folder import load_run
 
     if args.report and args.output_format != "nifti":  # the pictures are drawn from the NIfTI masks
         raise ConfigError("--report needs --output-format nifti (the report is drawn from the NIfTI masks)")
     mesh = prediction_mesh(args.devices)  # before loading the run: a wrong --devices fails at once
-    model, params, plan, config = load_run(args.model, args.checkpoint)
-    inference = config.inference
     changes = {k: v for k, v in dict(step_size=args.step, batch_size=args.batch_size).items() if v is not None}
     if args.no_mirror:
         changes["mirror_axes"] = ()
     elif args.mirror_axes is not None:
         changes["mirror_axes"] = tuple(args.mirror_axes)
-    inference = dataclasses.replace(inference, **changes)
-    if args.autotune:  # before anything is compiled: the sliding window runs the tuned implementations
-        from medseg_jax.models.ensemble import Ensemble
-        from medseg_jax.tuning import inference_input_shape, tune_model
+    postprocessing = None
+    if args.postprocessing is not None:
+        from medseg_jax.atomic import read_json
 
-        shape = inference_input_shape(plan, inference, config.model.in_channels)
-        if isinstance(model, Ensemble):  # every member has the same layers: tune one, use it for all
-            model = model.clone(network=tune_model(model.network, shape, backward=False, log=print)[0])
-        else:
-            model, _ = tune_model(model, shape, backward=False, log=print)
-    summaries = predict_input(
-        args.input,
-        args.output,
-        model,
-        params,
-        plan,
-        inference,
-        save_probabilities=args.save_probabilities,
-        statistics=args.statistics,
-        skip_existing=args.skip_existing,
-        progress=not args.quiet,
+        record = read_json(args.postprocessing)
+        postprocessing = record.get("postprocessing") if isinstance(record, dict) else None
+        if postprocessing is None:
+            raise DataError(f"{args.postprocessing}: no 'postprocessing' list (written by `medseg-jax find-best`)")
+    predictor = build_predictor(
+        args.model,
+        args.checkpoint,
+        changes,
+        postprocessing=postprocessing,
+        autotune=args.autotune,  # before anything is compiled: the sliding window runs the tuned implementations
+        log=print,
         largest_component=False if args.largest_component is None else (args.largest_component or True),
         accumulate="host" if args.memory_bounded else "device",
         mesh=mesh,
+    )
+    plan = predictor.plan
+    started = time.perf_counter()
+    summaries = predict_input(
+        args.input,
+        args.output,
+        None,
+        None,
+        plan,
+        predictor=predictor,
+        save_probabilities=args.save_probabilities,
+        statistics=args.statistics,
+        skip_existing=args.skip_existing,
+        pipeline=not args.no_pipeline,
+        progress=not args.quiet,
         output_format=args.output_format,
         series_uid=args.series_uid,
     )
     for summary in summaries:
         volumes = ", ".join(f"{name} {ml:.1f} mL" for name, ml in summary.get("volume_ml", {}).items())
         print(f"{summary.get('case', '?')}: {summary.get('seconds', 0):.1f} s; {volumes}")
-    print(f"predicted {len(summaries)} case(s) -> {args.output}")
+    wall = time.perf_counter() - started
+    device = sum(summary.get("device_seconds", 0.0) for summary in summaries)
+    print(f"predicted {len(summaries)} case(s) in {wall:.1f} s (device {device:.1f} s) -> {args.output}")
     if args.report:
         names = {int(v): k for k, v in plan["labels"].items()}
         for image_path, label_path in predicted_pairs(args.input, args.output, len(plan["channel_names"])):
             picture = report_picture(label_path, names, image_path=image_path)
             print(f"report: {picture}")
+    return 0
+
+
+def cmd_ensemble(args) -> int:
+    from medseg_jax.inference.ensemble_probabilities import ensemble_folders
+
+    started = time.perf_counter()
+    summary = ensemble_folders(
+        args.inputs, args.out, save_probabilities=args.save_probabilities, progress=not args.quiet
+    )
+    if summary["unlabelled_files"]:  # written before predict stored the label set
+        print(
+            f"note: {summary['unlabelled_files']} file(s) hold no label set; for them only the number of classes "
+            "was checked (predict again with --save-probabilities to store it)"
+        )
+    print(
+        f"ensembled {summary['cases']} case(s) of {summary['inputs']} inputs ({summary['classes']} classes) in "
+        f"{time.perf_counter() - started:.1f} s -> {args.out}"
+    )
     return 0
 
 
@@ -328,9 +403,9 @@ def cmd_evaluate(args) -> int:
         inf_distance=args.inf_distance,
     )
     out = args.out or Path(args.pred) / "evaluation"
-    written = write_evaluation(out, rows, summary)
+    written = write_evaluation(out, rows, summary, summary_format=args.format)
     print(format_table(summary))
-    print(f"wrote {written['metrics']} and {written['summary']}")
+    print("wrote " + ", ".join(str(path) for path in written.values()))
     if args.report:
         from medseg_jax.data.case_files import find_image_cases
 
@@ -423,9 +498,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="fingerprint a dataset and write a plan (spacing, patch, topology)")
     p.add_argument("dataset", type=Path, help="nnU-Net v2 or MSD dataset folder (with dataset.json)")
-    p.add_argument("--dim", type=int, choices=(2, 3), default=3, help="2D or 3D plan")
-    p.add_argument("--out", type=Path, default=None, help="plan file (default DATASET/plan_{dim}d.json)")
-    p.add_argument("--gpu-memory-gb", type=float, default=8.0, help="accelerator memory the patch is sized for")
+    p.add_argument("--dim", type=int, choices=(2, 3), default=None, help="2D or 3D plan (default 3)")
+    p.add_argument(
+        "--configuration",
+        choices=("2d", "3d_fullres", "3d_lowres"),
+        default=None,
+        help="nnU-Net configuration (default: 2d for --dim 2, else 3d_fullres); 3d_lowres: a coarser spacing for "
+        "datasets whose 3d_fullres patch sees under 25%% of the median image (else an error)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=("default", "resenc-m", "resenc-l", "resenc-xl"),
+        default="default",
+        help="planner: default (nnU-Net's default planner, plain U-Net) or nnU-Net's residual-encoder "
+        "nnUNetPlannerResEncM / L / XL (8 / 24 / 40 GB)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="plan file (default DATASET/plan_2d.json, plan_3d.json or plan_3d_lowres.json, with _PRESET for a "
+        "ResEnc preset)",
+    )
+    p.add_argument(
+        "--gpu-memory-gb",
+        type=float,
+        default=None,
+        help="accelerator memory the patch is sized for (default: the preset's; 8 for default)",
+    )
     p.add_argument(
         "--voxel-budget",
         type=float,
@@ -496,12 +596,59 @@ def build_parser() -> argparse.ArgumentParser:
         help="start from this run's weights and network (a trained or `import-nnunet` run folder); heads are "
         "re-initialised when the number of classes differs",
     )
+    p.add_argument(
+        "--no-final-validation",
+        action="store_true",
+        help="skip the validation at the end of the fold (default: the fold's validation cases are predicted as "
+        "`predict` does, with mirroring, into OUT/validation/ with their metrics in OUT/validation/summary.json)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_args(p)
     p.set_defaults(handler=cmd_train)
 
+    p = sub.add_parser(
+        "cv", help="cross-validation: train and validate every fold (resumable), then a summary over all cases"
+    )
+    p.add_argument("--data", type=Path, help="store folder from `medseg-jax preprocess`")
+    p.add_argument("--out", type=Path, required=True, help="cross-validation folder (fold_K/ runs, crossval/)")
+    p.add_argument(
+        "--folds",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="K",
+        help="folds to train here (default: every fold of the store's splits); spread folds over machines or "
+        "SLURM array tasks with one --folds K each",
+    )
+    p.add_argument(
+        "--summarize",
+        action="store_true",
+        help="only write the summary over the folds' validations (an error names the folds still missing)",
+    )
+    p.add_argument("--autotune", action="store_true", help="as `train --autotune`, for each fold")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_args(p)
+    p.set_defaults(handler=cmd_cv)
+
+    p = sub.add_parser(
+        "find-best",
+        help="choose the best configuration or pair ensemble and the postprocessing from cross-validations",
+    )
+    p.add_argument("cv_dirs", type=Path, nargs="+", metavar="CV_DIR", help="folders from `medseg-jax cv`")
+    p.add_argument("--out", type=Path, required=True, help="new folder for the choice, its model folder and files")
+    p.add_argument("--no-ensembles", action="store_true", help="compare single configurations only")
+    p.set_defaults(handler=cmd_find_best)
+
     p = sub.add_parser("predict", help="segment NIfTI files or a DICOM series with a trained run")
-    p.add_argument("--model", type=Path, required=True, help="training run folder (from `medseg-jax train`)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="training run folder (from `medseg-jax train` / `import-nnunet`); several: an ensemble averaging "
+        "their probabilities on the scan's grid (folds, or configurations such as 2D and 3D); or a model folder "
+        "from `medseg-jax find-best`",
+    )
     p.add_argument(
         "-i",
         "--input",
@@ -529,6 +676,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CLASS",
         help="keep only the largest connected component of these classes (no value: every class)",
     )
+    p.add_argument(
+        "--postprocessing",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="postprocessing.json from `medseg-jax find-best` (largest components of class groups, in order); "
+        "replaces what a find-best model folder carries",
+    )
     p.add_argument("--memory-bounded", action="store_true", help="accumulate windows on the host (large scans)")
     p.add_argument(
         "--devices",
@@ -538,6 +693,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="split the windows over the first N local devices (default: all; JAX_PLATFORMS picks cpu / cuda)",
     )
     p.add_argument("--skip-existing", action="store_true", help="skip cases whose output exists")
+    p.add_argument(
+        "--no-pipeline",
+        action="store_true",
+        help="for a folder: read, predict and write each case in turn (default: the next case is read and the "
+        "previous one written while the device predicts)",
+    )
     p.add_argument(
         "--autotune",
         action="store_true",
@@ -564,6 +725,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_predict)
+
+    p = sub.add_parser(
+        "ensemble", help="average the probabilities that `predict --save-probabilities` saved in several folders"
+    )
+    p.add_argument(
+        "-i",
+        "--inputs",
+        type=Path,
+        nargs="+",
+        required=True,
+        metavar="PROB_DIR",
+        help="folders of {case}.npz probability files (at least 2, the same cases in each)",
+    )
+    p.add_argument("-o", "--out", type=Path, required=True, help="output folder for the {case}.nii.gz label maps")
+    p.add_argument("--save-probabilities", action="store_true", help="also write the averaged {case}.npz")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_ensemble)
 
     p = sub.add_parser(
         "export", help="write a trained network as jax.export StableHLO + JSON + a predictor that needs no medseg-jax"
@@ -632,6 +810,14 @@ def build_parser() -> argparse.ArgumentParser:
         "373.13) or by each image's diagonal (default: keep inf)",
     )
     p.add_argument("--out", type=Path, default=None, help="output folder (default PRED/evaluation)")
+    p.add_argument(
+        "--format",
+        choices=("medseg", "nnunet"),
+        default="medseg",
+        help="summary.json layout: medseg (default); nnunet = nnU-Net v2's (as nnUNetv2_evaluate_folder: "
+        "metric_per_case, mean, foreground_mean; Dice, IoU, TP, FP, FN, TN, n_pred, n_ref per label), ours "
+        "then in summary_medseg.json; metrics.csv either way",
+    )
     p.add_argument(
         "--report",
         action="store_true",

@@ -49,10 +49,14 @@ class ModelConfig:
         None, "the plan's: stride per stage (per axis allowed)", ge=1
     )
     n_conv_per_stage: int | tuple[int, ...] = field(2, "convs per encoder stage (plain encoder)", ge=1)
-    n_conv_per_stage_decoder: int | tuple[int, ...] = field(2, "convs per decoder stage", ge=1)
-    encoder: Literal["plain", "residual"] = field("plain", "plain (PlainConvUNet) or residual (nnU-Net ResEnc)")
+    n_conv_per_stage_decoder: int | tuple[int, ...] | None = field(
+        None, "convs per decoder stage; null = the plan's (ResEnc presets: 1), else 2", ge=1
+    )
+    encoder: Literal["plain", "residual"] | None = field(
+        None, "plain (PlainConvUNet) or residual (nnU-Net ResEnc); null = the plan's (ResEnc presets), else plain"
+    )
     n_blocks_per_stage: int | tuple[int, ...] | None = field(
-        None, "residual blocks per stage (residual encoder); null = nnU-Net ResEnc's 1, 3, 4, 6, 6, ...", ge=1
+        None, "residual blocks per stage (residual encoder); null = the plan's, else ResEnc's 1, 3, 4, 6, 6, ...", ge=1
     )
     deep_supervision: bool = field(True, "train on a 1x1 head per decoder stage (nnU-Net default)")
     upsample_implementation: str = field(
@@ -71,6 +75,11 @@ class ModelConfig:
         "networks (own parameters each) whose logits are averaged, as nnU-Net's fold ensembles; training needs 1",
         ge=1,
     )
+
+
+# Model fields that choose how the network is computed, not which parameters it has: a run may be
+# predicted (or resumed) with other values than it was trained with, e.g. on another backend.
+EXECUTION_ONLY_MODEL_FIELDS = ("upsample_implementation", "conv_implementation", "dtype", "remat_encoder")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -197,7 +197,8 @@ def run_demo(
     stage("plan+preprocess", t0)
 
     t0 = time.perf_counter()
-    result = train(config, out / "store", out / "run", fold=0, progress=progress, log=log)
+    # the demo predicts the fold's validation cases itself below, from their files, as a user would
+    result = train(config, out / "store", out / "run", fold=0, progress=progress, log=log, final_validation=False)
     stage("train", t0)
 
     t0 = time.perf_counter()

@@ -3,8 +3,18 @@
 :func:`evaluate_folders` matches cases by file name (``{case}.nii.gz`` or ``{case}.nii`` directly in each
 folder), checks that every reference has a prediction of the same shape and affine, and computes the
 metrics of :func:`medseg_jax.metrics.segmentation_metrics` for every case and class (in a process pool
-when ``num_workers > 1``). :func:`write_evaluation` writes ``metrics.csv`` (one row per case x class)
-and ``summary.json``; :func:`format_table` renders the summary for a terminal.
+when ``num_workers > 1``), with ``tn`` (voxels in neither mask) next to ``tp``, ``fp``, ``fn``.
+:func:`write_evaluation` writes ``metrics.csv`` (one row per case x class) and ``summary.json``;
+:func:`format_table` renders the summary for a terminal.
+
+nnU-Net v2's ``summary.json`` (``nnUNetv2_evaluate_folder``; :func:`nnunet_summary`) can be written
+instead, ours then going to ``summary_medseg.json``: ``metric_per_case`` (per case ``prediction_file``,
+``reference_file`` and ``metrics``: per label value, as a string, ``Dice``, ``IoU``, ``FP``, ``TP``,
+``FN``, ``TN``, ``n_pred``, ``n_ref``), ``mean`` (per label, each metric's NaN-skipping mean over the
+cases) and ``foreground_mean`` (the mean of the labels' means, NaN if one is NaN). Dice and IoU there
+follow nnU-Net whatever ``empty`` says: NaN only when both masks are empty. The file is written as
+nnU-Net writes it (sorted keys, indent 4, NaN as the bare token ``NaN``, which Python's and nnU-Net's
+JSON readers accept), so scripts that parse nnU-Net's results read ours.
 
 Spacing comes from the reference's affine (column norms, mm) in the file's voxel order; a 3D file with
 a single slice (nnU-Net's 2D layout) is evaluated as 2D (contours, areas in mm^2).
@@ -36,7 +46,7 @@ the declared values (background 0 included). Anything else, such as a CT image g
 not both) by a finite worst value before aggregating, so that means stay finite and a miss still costs:
 a distance in mm (BraTS uses 373.13 mm) or ``"diagonal"``, the physical diagonal of that case's image
 (the largest distance two of its voxels can have, as Metrics Reloaded recommends). Default None: inf is
-kept, as nnU-Net and MONAI do. In ``summary.json`` NaN is
+kept, as nnU-Net and MONAI do. In our ``summary.json`` NaN is
 written as null and inf as the string "inf"; ``metrics.csv`` writes "nan" / "inf".
 """
 
@@ -46,6 +56,7 @@ import csv
 import io
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -68,9 +79,15 @@ from medseg_jax.process_pool import map_in_processes
 
 # Per case and class, after the voxel metrics: connected components (:mod:`medseg_jax.metrics.lesions`).
 LESION_COLUMNS = ("reference_lesions", "detected_lesions", "predicted_lesions", "false_positive_lesions")
-COLUMNS = ("case", "class", "label", *METRIC_NAMES, *LESION_COLUMNS)
+COLUMNS = ("case", "class", "label", *METRIC_NAMES, "tn", *LESION_COLUMNS)
+# Also in every row, not in metrics.csv (machine paths would make equal evaluations' files differ).
+FILE_COLUMNS = ("prediction_file", "reference_file")
 AGGREGATED = ("dice", "iou", "hd95", "assd", "nsd", "volume_ref", "volume_pred", "volume_diff")
 SCORES = ("dice", "iou", "hd95", "assd", "nsd")
+# What write_evaluation's summary.json holds: ours, or nnU-Net v2's layout (ours then in summary_medseg.json).
+SUMMARY_FORMATS = ("medseg", "nnunet")
+# The per-label metrics of nnU-Net v2's summary.json (nnunetv2/evaluation/evaluate_predictions.py).
+NNUNET_METRICS = ("Dice", "IoU", "FP", "TP", "FN", "TN", "n_pred", "n_ref")
 
 
 def read_labels(path: str | os.PathLike) -> dict[str, int]:
@@ -131,18 +148,12 @@ def evaluate_folders(
     Affines must agree entry-wise within ``affine_tolerance`` (mm). ``inf_distance``: see the module
     docstring (None, a distance in mm, or ``"diagonal"``).
 
-    Returns ``(rows, summary)``: one row per case x class (keys :data:`COLUMNS`, cases sorted) and the
-    summary described in the module docstring. Raises DataError listing the references without a
+    Returns ``(rows, summary)``: one row per case x class (keys :data:`COLUMNS` and :data:`FILE_COLUMNS`,
+    cases sorted) and the summary described in the module docstring. Raises DataError listing the references without a
     prediction, or naming every case whose shape or affine differ, before any metric is computed, and
     naming the first file that is no label map (see the module docstring); nothing is written.
     """
-    from tqdm.auto import tqdm
-
-    check_convention(empty)
-    if surface not in SURFACE_DEFINITIONS:
-        raise ConfigError(f"surface must be one of {SURFACE_DEFINITIONS}, got {surface!r}")
-    if not nsd_tolerance_mm >= 0:
-        raise ConfigError(f"NSD tolerance must be >= 0 mm, got {nsd_tolerance_mm}")
+    check_settings(empty, surface, nsd_tolerance_mm)  # every setting before reading anything
     labels = None if labels is None else check_labels(labels)
     inf_distance = check_inf_distance(inf_distance)
     refs, preds = find_label_files(ref_dir), find_label_files(pred_dir)
@@ -151,6 +162,53 @@ def evaluate_folders(
     missing = sorted(set(refs) - set(preds))
     if missing:
         raise DataError(f"{pred_dir}: no prediction for {len(missing)} reference case(s): {', '.join(missing)}")
+    return evaluate_pairs(
+        preds,
+        refs,
+        labels,
+        nsd_tolerance_mm=nsd_tolerance_mm,
+        num_workers=num_workers,
+        progress=progress,
+        empty=empty,
+        surface=surface,
+        affine_tolerance=affine_tolerance,
+        inf_distance=inf_distance,
+        ref_where=str(ref_dir),
+    )
+
+
+def check_settings(empty: str, surface: str, nsd_tolerance_mm: float) -> None:
+    """ConfigError for an unknown empty-mask convention or surface definition, or a negative NSD tolerance."""
+    check_convention(empty)
+    if surface not in SURFACE_DEFINITIONS:
+        raise ConfigError(f"surface must be one of {SURFACE_DEFINITIONS}, got {surface!r}")
+    if not nsd_tolerance_mm >= 0:
+        raise ConfigError(f"NSD tolerance must be >= 0 mm, got {nsd_tolerance_mm}")
+
+
+def evaluate_pairs(
+    preds: dict[str, Path],
+    refs: dict[str, Path],
+    labels: dict[str, int] | None = None,
+    nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
+    num_workers: int = 1,
+    progress: bool = True,
+    empty: str = "nnunet",
+    surface: str = "element",
+    affine_tolerance: float = 1e-3,
+    inf_distance: float | str | None = None,
+    ref_where: str = "the references",
+) -> tuple[list[dict], dict]:
+    """:func:`evaluate_folders` for explicit files: ``refs`` and ``preds`` map case ids to label files
+    (every reference needs a prediction; predictions without a reference are listed as unmatched)."""
+    from tqdm.auto import tqdm
+
+    check_settings(empty, surface, nsd_tolerance_mm)
+    labels = None if labels is None else check_labels(labels)
+    inf_distance = check_inf_distance(inf_distance)
+    missing = sorted(set(refs) - set(preds))
+    if missing:
+        raise DataError(f"no prediction for {len(missing)} reference case(s): {', '.join(missing)}")
     _check_geometry(refs, preds, affine_tolerance)
     classes = None if labels is None else sorted(labels.values())
     jobs = [
@@ -163,21 +221,27 @@ def evaluate_folders(
             results.append(result)
             bar.update(1)
     if labels is None:
-        found = sorted(set().union(*(present for _, present, _, _ in results)))
+        found = sorted(set().union(*(result["present"] for result in results)))
         if not found:
-            raise DataError(f"{ref_dir}: no reference contains a foreground label; pass the labels to evaluate")
+            raise DataError(f"{ref_where}: no reference contains a foreground label; pass the labels to evaluate")
         labels = {str(k): k for k in found}
     rows = []
-    for case, _, _, per_class in results:
+    for result in results:
+        case = result["case"]
+        files = {"prediction_file": str(preds[case]), "reference_file": str(refs[case])}
         for name, value in labels.items():
-            metrics = per_class.get(value) or {**empty_case_metrics(empty), **dict.fromkeys(LESION_COLUMNS, 0)}
-            rows.append({"case": case, "class": name, "label": value, **metrics})
+            metrics = result["metrics"].get(value) or {
+                **empty_case_metrics(empty),
+                **dict.fromkeys(LESION_COLUMNS, 0),
+            }
+            tn = result["voxels"] - metrics["tp"] - metrics["fp"] - metrics["fn"]
+            rows.append({"case": case, "class": name, "label": value, **metrics, "tn": tn, **files})
     settings = {
         "nsd_tolerance_mm": nsd_tolerance_mm,
         "empty": empty,
         "surface": surface,
         "inf_distance": inf_distance,
-        "dims": sorted({dim for _, _, dim, _ in results}),
+        "dims": sorted({result["dim"] for result in results}),
     }
     summary = summarize(rows, labels, settings)
     summary["unmatched_predictions"] = sorted(set(preds) - set(refs))
@@ -239,17 +303,73 @@ def pooled_lesions(rows: list[dict]) -> dict:
     }
 
 
-def write_evaluation(out_dir: str | os.PathLike, rows: list[dict], summary: dict) -> dict[str, Path]:
-    """Write ``metrics.csv`` and ``summary.json`` into ``out_dir``, each atomically; returns their paths."""
+def write_evaluation(
+    out_dir: str | os.PathLike, rows: list[dict], summary: dict, summary_format: str = "medseg"
+) -> dict[str, Path]:
+    """Write ``metrics.csv`` and the summary into ``out_dir``, each file atomically; returns their paths.
+
+    ``summary_format`` "medseg": ``summary.json`` is ours (path ``"summary"``). "nnunet": ``summary.json``
+    is nnU-Net v2's (:func:`nnunet_summary`, path ``"nnunet"``) and ours is ``summary_medseg.json``.
+    """
+    if summary_format not in SUMMARY_FORMATS:
+        raise ConfigError(f"summary format must be one of {SUMMARY_FORMATS}, got {summary_format!r}")
     out_dir = Path(out_dir)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS), lineterminator="\n")
     writer.writeheader()
     writer.writerows({c: row[c] for c in COLUMNS} for row in rows)
     paths = {"metrics": out_dir / "metrics.csv", "summary": out_dir / "summary.json"}
+    if summary_format == "nnunet":
+        paths = {**paths, "summary": out_dir / "summary_medseg.json", "nnunet": out_dir / "summary.json"}
+        write_text_atomic(paths["nnunet"], nnunet_json_text(nnunet_summary(rows)))
     write_text_atomic(paths["metrics"], buffer.getvalue())
     write_json_atomic(paths["summary"], json_safe(summary))
     return paths
+
+
+def nnunet_summary(rows: list[dict]) -> dict:
+    """nnU-Net v2's summary of ``rows`` (see the module docstring), computed from their voxel counts.
+
+    ``rows``: one per case x class with ``case``, ``label``, ``tp``, ``fp``, ``fn``, ``tn`` and
+    :data:`FILE_COLUMNS` (those of :func:`evaluate_folders`, or of several evaluations concatenated, as
+    for a cross-validation summary); every case must have a row for every label. Cases keep the order of
+    ``rows``.
+    """
+    if not rows:
+        raise DataError("no evaluated case to summarise")
+    per_case: dict[str, dict] = {}
+    for row in rows:
+        entry = per_case.setdefault(row["case"], {name: str(row[name]) for name in FILE_COLUMNS} | {"metrics": {}})
+        counts = (int(row[k]) for k in ("tp", "fp", "fn", "tn"))
+        entry["metrics"][str(row["label"])] = nnunet_case_metrics(*counts)
+    keys = list(dict.fromkeys(str(row["label"]) for row in rows))
+    incomplete = sorted(case for case, entry in per_case.items() if set(entry["metrics"]) != set(keys))
+    if incomplete:
+        raise DataError(f"cases {incomplete} lack a row for some of the labels {keys}")
+    cases = list(per_case.values())
+    mean = {key: {m: _nanmean([c["metrics"][key][m] for c in cases]) for m in NNUNET_METRICS} for key in keys}
+    # nnU-Net leaves out a key "0" (background) and takes a plain mean: one NaN class mean makes it NaN.
+    foreground = [key for key in keys if key != "0"]
+    foreground_mean = {m: float(np.mean([mean[key][m] for key in foreground])) for m in NNUNET_METRICS}
+    return {"metric_per_case": cases, "mean": mean, "foreground_mean": foreground_mean}
+
+
+def nnunet_case_metrics(tp: int, fp: int, fn: int, tn: int) -> dict:
+    """One case's metrics of one label as nnU-Net's ``compute_metrics`` gives them (Dice/IoU NaN if both empty)."""
+    dice, iou = (float(v) for v in dice_iou_from_counts(tp, fp, fn, empty="nnunet"))
+    return {"Dice": dice, "IoU": iou, "FP": fp, "TP": tp, "FN": fn, "TN": tn, "n_pred": tp + fp, "n_ref": tp + fn}
+
+
+def nnunet_json_text(summary: dict) -> str:
+    """``summary`` as nnU-Net's ``save_summary_json`` writes it: sorted keys, indent 4, NaN as ``NaN``."""
+    return json.dumps(summary, sort_keys=True, indent=4)
+
+
+def _nanmean(values: list) -> float:
+    """numpy's nanmean, as nnU-Net takes it, without the warning it gives when every value is NaN."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(np.nanmean(np.asarray(values, dtype=float)))
 
 
 def format_table(summary: dict) -> str:
@@ -342,8 +462,9 @@ def image_diagonal_mm(shape, spacing) -> float:
     return float(np.linalg.norm((np.asarray(shape, float) - 1) * np.asarray(spacing, float)))
 
 
-def _evaluate_case(case, pred_path, ref_path, classes, nsd_tolerance_mm, empty, surface, inf_distance=None):
-    """Worker: ``(case, labels present in the reference, dim, {class: metrics and lesion counts})``."""
+def _evaluate_case(case, pred_path, ref_path, classes, nsd_tolerance_mm, empty, surface, inf_distance=None) -> dict:
+    """Worker: the ``case``, the labels ``present`` in the reference, its ``dim``, its number of ``voxels``
+    and its ``metrics`` ({class: metrics and lesion counts})."""
     reference, prediction = read_nifti(ref_path), read_nifti(pred_path)
     declared = None if classes is None else {0, *classes}
     ref = label_map(reference.array, case, ref_path, declared)
@@ -363,7 +484,7 @@ def _evaluate_case(case, pred_path, ref_path, classes, nsd_tolerance_mm, empty, 
         worst = image_diagonal_mm(ref.shape, spacing) if inf_distance == "diagonal" else inf_distance
         metrics = {k: replace_infinite_distances(m, worst) for k, m in metrics.items()}
     metrics = {k: {**m, **lesion_counts(pred, ref, k)} for k, m in metrics.items()}
-    return case, present, ref.ndim, metrics
+    return {"case": case, "present": present, "dim": ref.ndim, "voxels": int(ref.size), "metrics": metrics}
 
 
 def lesion_counts(prediction: np.ndarray, reference: np.ndarray, class_id: int) -> dict:

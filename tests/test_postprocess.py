@@ -34,3 +34,30 @@ def test_connectivity_and_class_selection_2d():
     assert faces[2, 2] == 0 and faces[0, 0] == 1 and faces[0, 7] == 2  # class 2 left alone
     with pytest.raises(ConfigError, match="connectivity"):
         keep_largest_component(labels, connectivity=3)
+
+
+def test_a_group_of_classes_keeps_the_largest_component_of_their_union():
+    from medseg_jax.postprocess import apply_postprocessing, keep_largest_component_of
+
+    label = np.zeros((12, 12), np.uint8)
+    label[1:4, 1:4] = 1  # 9 voxels of class 1, touching ...
+    label[1:4, 4:6] = 2  # ... 6 of class 2: together one component of 15
+    label[8:11, 8:11] = 1  # a separate 9-voxel component of class 1
+    kept = keep_largest_component_of(label, [1, 2])
+    expected = label.copy()
+    expected[8:11, 8:11] = 0
+    np.testing.assert_array_equal(kept, expected)
+    # class 1 alone: two components of 9 voxels, the first in C order is kept, class 2 untouched
+    np.testing.assert_array_equal(keep_largest_component_of(label, [1]), keep_largest_component(label, classes=[1]))
+    np.testing.assert_array_equal(apply_postprocessing(label, []), label)
+    twice = apply_postprocessing(label, [[2], [1, 2]])
+    np.testing.assert_array_equal(twice, keep_largest_component_of(keep_largest_component_of(label, [2]), [1, 2]))
+
+
+@pytest.mark.parametrize("steps", [[[0]], [[3]], [[]], [1], "foreground", [[1, True]]])
+def test_postprocessing_steps_are_checked(steps):
+    from medseg_jax.postprocess import check_postprocessing
+
+    with pytest.raises(ConfigError, match=r"postprocessing"):
+        check_postprocessing(steps, num_classes=3)
+    assert check_postprocessing([[1, 2], [2]], num_classes=3) == [[1, 2], [2]]

@@ -2,9 +2,10 @@
 
 :func:`make_plan` turns a fingerprint (:func:`medseg_jax.data.fingerprint.compute_fingerprint`) into a
 JSON dict; :func:`check_plan` validates one, :func:`write_plan` / :func:`read_plan` are the only way plan
-files are written and read (both validate), :func:`plan_differences` compares two. Rules, in the spirit of nnU-Net v2's
-``ExperimentPlanner`` (axes in RAS order; a 2D plan works on the in-plane axes x, y and treats the last
-axis z as the slice axis):
+files are written and read (both validate), :func:`plan_differences` compares two. Rules of the default preset, in
+the spirit of nnU-Net v2's ``ExperimentPlanner`` (axes in RAS order; a 2D plan works on the in-plane axes x, y and
+treats the last axis z as the slice axis); nnU-Net's ResEnc presets and the 3d_lowres configuration are in
+:mod:`medseg_jax.data.planners`:
 
 1. Target spacing: the per-axis median over cases. If the median spacing is anisotropic — the thickest
    axis is more than 3x the next thickest *and* its median size times 3 is below the smallest other
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -186,10 +187,34 @@ def _check_options(hu_window, denoise, clahe, channel_names) -> None:
         raise ConfigError(f"clahe.clip_limit must be in (0, 1], got {clahe.get('clip_limit')!r}")
 
 
+def default_planner(
+    dim: int, budget: float, min_batch_size: int, max_stages: int | None, base_features: int
+) -> Callable[[np.ndarray, np.ndarray, float], dict]:
+    """``plan_at(spacing, median_shape, dataset_voxels)`` -> patch, batch and topology of one configuration
+    by rules 3 and 4 of the module docstring, for a ``budget`` of voxels per batch."""
+
+    def plan_at(spacing: np.ndarray, median_shape: np.ndarray, dataset_voxels: float) -> dict:
+        patch, strides, kernels = plan_patch_and_topology(
+            spacing, median_shape, budget / min_batch_size, max_stages or MAX_STAGES[dim]
+        )
+        batch = int(budget // np.prod(patch))
+        covered = int(round(DATASET_FRACTION_PER_BATCH * dataset_voxels / np.prod(patch)))
+        return {
+            "patch_size": patch,
+            "batch_size": max(min_batch_size, min(batch, covered)),
+            "n_stages": len(strides),
+            "kernel_sizes": kernels,
+            "strides": strides,
+            "features_per_stage": [min(base_features * 2**i, MAX_FEATURES[dim]) for i in range(len(strides))],
+        }
+
+    return plan_at
+
+
 def make_plan(
     fingerprint: dict,
-    dim: int = 3,
-    gpu_memory_gb: float = 8.0,
+    dim: int | None = None,
+    gpu_memory_gb: float | None = None,
     voxel_budget: float | None = None,
     hu_window: Sequence[float] | None = None,
     denoise: dict | None = None,
@@ -197,51 +222,66 @@ def make_plan(
     min_batch_size: int = 2,
     max_stages: int | None = None,
     base_features: int = 32,
+    preset: str = "default",
+    configuration: str | None = None,
 ) -> dict:
     """A JSON-able plan from a fingerprint (rules in the module docstring).
 
-    ``voxel_budget`` (voxels per batch) overrides the one derived from ``gpu_memory_gb``. ``hu_window``,
-    ``denoise`` (``{"method": "gaussian", "sigma": mm}`` or ``{"method": "median", "size": voxels}``) and
-    ``clahe`` (``{"clip_limit": 0.01, "kernel_size": None}``) go to ``plan["preprocessing"]``.
+    ``voxel_budget`` (voxels per batch) overrides the one derived from ``gpu_memory_gb`` (default 8).
+    ``hu_window``, ``denoise`` (``{"method": "gaussian", "sigma": mm}`` or ``{"method": "median", "size":
+    voxels}``) and ``clahe`` (``{"clip_limit": 0.01, "kernel_size": None}``) go to ``plan["preprocessing"]``.
+    ``preset`` ``resenc-m`` / ``resenc-l`` / ``resenc-xl`` plans as nnU-Net's ResEnc planners
+    (:mod:`medseg_jax.data.planners`; ``gpu_memory_gb`` defaults to the preset's). ``configuration`` is
+    ``2d``, ``3d_fullres`` or ``3d_lowres`` (default: ``2d`` for ``dim`` 2, else ``3d_fullres``).
     """
+    from medseg_jax.data.planners import check_options, lowres_configuration, resenc_planner
+
     spacings = np.asarray(fingerprint["spacings"], dtype=np.float64)
     shapes = np.asarray(fingerprint["shapes_after_crop"], dtype=np.float64)
     data_dim = spacings.shape[1]
+    dim, configuration, resenc, gpu_memory_gb = check_options(dim, configuration, preset, voxel_budget, gpu_memory_gb)
     if dim not in (2, 3) or dim > data_dim:
         raise ConfigError(f"dim must be 2 or 3 and at most the data's {data_dim} dims, got {dim}")
     channel_names = list(fingerprint["channel_names"])
     _check_options(hu_window, denoise, clahe, channel_names)
-    spacing, anisotropic = target_spacing(spacings, shapes)
-    median_shape = np.percentile(shapes * spacings / spacing, 50, axis=0)
-    planned_axes = list(range(dim))  # 3D: all; 2D: x, y (the slice axis z is last)
-    budget = float(voxel_budget) if voxel_budget is not None else REFERENCE_BATCH_VOXELS * gpu_memory_gb / 8.0
-    max_stages = max_stages or MAX_STAGES[dim]
-    patch, strides, kernels = plan_patch_and_topology(
-        spacing[planned_axes], median_shape[planned_axes], budget / min_batch_size, max_stages
-    )
-    dataset_voxels = np.prod(median_shape) * len(spacings)
-    batch = int(budget // np.prod(patch))
-    batch = max(min_batch_size, min(batch, int(round(DATASET_FRACTION_PER_BATCH * dataset_voxels / np.prod(patch)))))
     labels = {str(k): int(v) for k, v in fingerprint["labels"].items()}
+    num_classes = max(labels.values()) + 1
+    spacing, anisotropic = target_spacing(spacings, shapes)
+    resampled = shapes * spacings / spacing
+    # ResEnc presets clip the patch to the median itself: nnU-Net's, of the per-case shapes rounded to voxels
+    median_shape = np.percentile(resampled, 50, axis=0) if resenc is None else np.median(np.round(resampled), axis=0)
+    planned_axes = list(range(dim))  # 3D: all; 2D: x, y (the slice axis z is last)
+    if resenc is None:
+        budget = float(voxel_budget) if voxel_budget is not None else REFERENCE_BATCH_VOXELS * gpu_memory_gb / 8.0
+        plan_at = default_planner(dim, budget, min_batch_size, max_stages, base_features)
+    else:
+        plan_at = resenc_planner(resenc, dim, num_classes, gpu_memory_gb, min_batch_size, max_stages, base_features)
+    n_cases = len(spacings)
+    network = plan_at(spacing[planned_axes], median_shape[planned_axes], np.prod(median_shape) * n_cases)
+    lowres = {}
+    if configuration == "3d_lowres":
+        fullres_spacing = spacing
+        spacing, median_shape, network = lowres_configuration(
+            plan_at, spacing, median_shape, network["patch_size"], n_cases
+        )
+        lowres = {"fullres_spacing": [float(s) for s in fullres_spacing]}
     return {
         "plan_format_version": PLAN_FORMAT_VERSION,
         "dataset_name": fingerprint.get("dataset_name"),
         "dim": dim,
+        "configuration": configuration,
+        "preset": preset,
         "channel_names": channel_names,
         "labels": labels,
-        "num_classes": max(labels.values()) + 1,
+        "num_classes": num_classes,
         "target_spacing": [float(s) if a in planned_axes or dim == 3 else None for a, s in enumerate(spacing)],
+        **lowres,
         "anisotropic": anisotropic,
         "median_shape": [int(round(n)) for n in median_shape],
         "normalization": _normalization(
             channel_names, fingerprint["foreground_intensity_properties_per_channel"], hu_window
         ),
-        "patch_size": patch,
-        "batch_size": batch,
-        "n_stages": len(strides),
-        "kernel_sizes": kernels,
-        "strides": strides,
-        "features_per_stage": [min(base_features * 2**i, MAX_FEATURES[dim]) for i in range(len(strides))],
+        **network,
         "preprocessing": {
             "crop_to_nonzero": True,
             "hu_window": None if hu_window is None else list(hu_window),
@@ -289,6 +329,9 @@ def check_plan(plan: dict, source: str = "plan") -> None:
     for key in PREPROCESSING_KEYS:
         if key not in plan["preprocessing"]:
             raise DataError(f"{source}: 'preprocessing' is missing the key {key!r}")
+    from medseg_jax.data.planners import check_planner_fields
+
+    check_planner_fields(plan, source)
 
 
 def read_plan(path: str | os.PathLike) -> dict:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from scipy.ndimage import binary_fill_holes
@@ -289,6 +290,10 @@ def _preprocess_job(case_id: str, image_paths, label_path, plan: dict):
     except CASE_ERRORS as exc:
         raise case_error(case_id, image_paths, label_path, exc) from exc
     properties["case_id"] = case_id
+    # where the case came from: the final validation of a fold compares with the label as the dataset holds
+    # it (on the scan's own grid), not with the resampled copy in the store
+    properties["image_files"] = [str(Path(p).resolve()) for p in image_paths]
+    properties["label_file"] = None if label_path is None else str(Path(label_path).resolve())
     return case_id, image, label_out, properties
 
 

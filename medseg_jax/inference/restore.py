@@ -19,7 +19,7 @@ resampling, the running maximum on the file's grid), one uint8 label map, and on
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,15 @@ import numpy as np
 
 from medseg_jax.errors import ConfigError
 
-__all__ = ["SLAB_BYTES", "argmax_on_file_grid", "class_probabilities", "slab_rows", "softmax_normaliser"]
+__all__ = [
+    "SLAB_BYTES",
+    "argmax_on_file_grid",
+    "class_logits",
+    "class_probabilities",
+    "running_argmax",
+    "slab_rows",
+    "softmax_normaliser",
+]
 
 SLAB_BYTES = 256 * 2**20  # one slab of logits (all classes, float32) at most, whatever the scan's size
 
@@ -77,27 +85,53 @@ def class_probabilities(logits, slab_bytes: int = SLAB_BYTES) -> Iterator[np.nda
         yield np.asarray(_probability(logits[..., index], top, total), dtype=np.float32)
 
 
+def class_logits(logits) -> Iterator[np.ndarray]:
+    """``logits[..., k]`` for k = 0, 1, ... as float32 numpy ``(*spatial)``, one class at a time."""
+    for index in range(int(logits.shape[-1])):
+        yield np.asarray(logits[..., index], dtype=np.float32)
+
+
 def argmax_on_file_grid(
-    logits, to_file_grid: Callable[[np.ndarray, int], np.ndarray], slab_bytes: int = SLAB_BYTES
+    logits,
+    to_file_grid: Callable[[np.ndarray, int], np.ndarray],
+    slab_bytes: int = SLAB_BYTES,
+    over: str = "probabilities",
 ) -> np.ndarray:
     """uint8 arg-max over classes of ``to_file_grid(softmax(logits)[..., k], k)`` for ``logits (*spatial, K)``.
 
-    ``to_file_grid(probability, k)`` maps one class's probability ``(*spatial)`` (float32, numpy) onto the
-    output grid; classes are visited in order and never more than one is held at a time.
+    ``to_file_grid(class_map, k)`` maps one class's probability ``(*spatial)`` (float32, numpy) onto the
+    output grid; classes are visited in order and never more than one is held at a time. ``over="logits"``
+    hands it the class's logits instead (for a caller that resamples logits, as nnU-Net's export does: the
+    softmax on the file's grid keeps each voxel's order of classes, so it is not needed for the arg-max).
     """
     k = int(logits.shape[-1])
     if k > 256:
         raise ConfigError(f"the model predicts {k} classes; a uint8 label map holds at most 256")
+    if over not in ("probabilities", "logits"):
+        raise ConfigError(f"argmax over {over!r}: expected 'probabilities' or 'logits'")
+    class_maps = class_probabilities(logits, slab_bytes) if over == "probabilities" else class_logits(logits)
+
+    def restored_maps() -> Iterator[np.ndarray]:
+        for index, class_map in enumerate(class_maps):
+            restored = np.asarray(to_file_grid(class_map, index), dtype=np.float32)
+            del class_map
+            yield restored
+
+    return running_argmax(restored_maps())
+
+
+def running_argmax(class_maps: Iterable[np.ndarray]) -> np.ndarray:
+    """uint8 arg-max over ``class_maps`` (class 0, 1, ... in order, one shape), holding only the running
+    maximum and the label map besides the class being folded in. At most 256 classes (uint8)."""
     best: np.ndarray | None = None
     label: np.ndarray | None = None
-    for index, probability in enumerate(class_probabilities(logits, slab_bytes)):
-        restored = np.asarray(to_file_grid(probability, index), dtype=np.float32)
-        del probability
+    for index, class_map in enumerate(class_maps):
         if best is None or label is None:
-            best, label = restored.copy(), np.zeros(restored.shape, np.uint8)
+            best, label = np.array(class_map, dtype=np.float32), np.zeros(class_map.shape, np.uint8)
             continue
-        better = restored > best  # strictly: equal scores keep the lower class, as np.argmax does
+        better = class_map > best  # strictly: equal scores keep the lower class, as np.argmax does
         label[better] = index
-        np.maximum(best, restored, out=best)
-    assert label is not None  # a model predicts at least one class
+        np.maximum(best, class_map, out=best)
+    if label is None:
+        raise ValueError("running_argmax needs at least one class map")
     return label

@@ -19,11 +19,21 @@ CHECKPOINTS_NAME = "checkpoints"
 
 def check_config_matches_checkpoint(run_dir: Path, model_section: dict, checkpoint_meta: dict) -> None:
     """Raise :class:`DataError` naming ``config.yaml`` and the fields that differ from the model config
-    the checkpoint was trained with."""
+    the checkpoint was trained with. Fields that only choose how the network is computed
+    (``EXECUTION_ONLY_MODEL_FIELDS``: conv / upsampling implementation, compute dtype, rematerialisation)
+    may differ: the parameters are the same."""
+    from medseg_jax.config import EXECUTION_ONLY_MODEL_FIELDS
+
     saved = checkpoint_meta.get("config", {}).get("model")
-    if saved is None or saved == model_section:
+    if saved is None:
         return
-    changed = sorted(k for k in set(saved) | set(model_section) if saved.get(k) != model_section.get(k))
+    changed = sorted(
+        k
+        for k in set(saved) | set(model_section)
+        if k not in EXECUTION_ONLY_MODEL_FIELDS and saved.get(k) != model_section.get(k)
+    )
+    if not changed:
+        return
     details = ", ".join(f"model.{k}: {model_section.get(k)!r} (checkpoint: {saved.get(k)!r})" for k in changed)
     raise DataError(
         f"{run_dir / CONFIG_NAME} disagrees with the checkpoint it should describe ({details}); "

@@ -8,7 +8,10 @@ Conventions (nnU-Net v2's ``predict_sliding_window_return_logits``):
   ``blend="constant"``), summed into an accumulator, and divided by the summed weights at the end.
 - Mirroring: for every non-empty subset of ``mirror_axes`` the window is flipped, predicted and flipped
   back; the logits of all ``2^m`` predictions (the plain one included) are averaged. The flipped copies
-  join the window batch, so one ``apply_fn`` call sees ``batch_size * 2^m`` windows.
+  join the window batch, so one ``apply_fn`` call sees ``batch_size * 2^m`` windows -- up to
+  :data:`MAX_VOXELS_PER_CALL` window voxels per call; beyond that the copies go through in equal groups,
+  one ``apply_fn`` call per group inside a loop (:func:`mirror_group_size`), so that realistic 3D patches
+  with all eight flips do not multiply the activation memory by eight.
 
 Two accumulation modes:
 
@@ -135,22 +138,61 @@ def _mirror_subsets(mirror_axes, ndim: int) -> tuple[tuple[int, ...], ...]:
     return tuple(itertools.chain.from_iterable(itertools.combinations(axes, r) for r in range(len(axes) + 1)))
 
 
+# Window voxels (batch x mirrored copies x patch voxels) one network call may see: 2 x 128^3, the batch
+# nnU-Net's 3d_fullres trains with. Sixteen mirrored copies of two 64 x 192 x 192 windows (38M voxels)
+# needed 58 GB for one buffer of the depth_stack convolution on a CPU; in groups they stay within it.
+MAX_VOXELS_PER_CALL = 2 * 128**3
+
+
+def mirror_group_size(num_subsets: int, batch_size: int, patch) -> int:
+    """Mirrored copies per network call: all of them while ``batch_size`` windows of each fit
+    :data:`MAX_VOXELS_PER_CALL`, else the largest divisor of ``num_subsets`` that fits (at least 1)."""
+    per_copy = int(batch_size) * int(np.prod(patch))
+    fitting = max(1, MAX_VOXELS_PER_CALL // per_copy)
+    return max(d for d in range(1, num_subsets + 1) if num_subsets % d == 0 and d <= fitting)
+
+
+def _flipped(x, flips):
+    """``x``'s flips along each of ``flips`` (tuples of axes), concatenated along the batch axis."""
+    return jnp.concatenate([jnp.flip(x, axes) if axes else x for axes in flips])
+
+
+def _unflipped_sum(out, flips, batch: int):
+    """Sum of the copies in ``out`` (``len(flips) * batch`` rows), each flipped back."""
+    out = out.reshape((len(flips), batch) + out.shape[1:])
+    return sum(jnp.flip(out[i], axes) if axes else out[i] for i, axes in enumerate(flips))
+
+
 def _mirrored_prediction(call, params, windows, mirror_subsets, window_sharding=None):
     """Mean over ``mirror_subsets`` of ``flip(call(params, flip(windows)))``, float32 ``(B, *patch, K)``.
 
-    All flipped copies go through the network as one batch of ``B * len(mirror_subsets)`` windows: the
-    network is traced and compiled once, and there is no loop around it (XLA:CPU runs a network inside a
-    while loop markedly slower than the same network called in sequence). Activation memory grows with
-    the number of combinations; lower the window batch size when it is tight.
+    The flipped copies go through the network in groups of :func:`mirror_group_size` (all of them at once
+    for small windows: one call, no loop). Larger windows take one call per group inside a ``lax.scan``
+    whose body holds the network once (compiled once), each group's flips chosen by ``lax.switch``.
     """
     if len(mirror_subsets) == 1:
         return call(params, windows).astype(jnp.float32)
     flips = [tuple(a + 1 for a in subset) for subset in mirror_subsets]  # + 1: the batch axis comes first
-    stacked = jnp.concatenate([jnp.flip(windows, axes) if axes else windows for axes in flips])
-    stacked = _constrain(stacked, window_sharding)  # keep the enlarged batch split over the devices
-    out = call(params, stacked).astype(jnp.float32)
-    out = out.reshape((len(flips), windows.shape[0]) + out.shape[1:])
-    return sum(jnp.flip(out[i], axes) if axes else out[i] for i, axes in enumerate(flips)) / len(flips)
+    batch = windows.shape[0]
+    size = mirror_group_size(len(flips), batch, windows.shape[1:-1])
+    groups = [flips[i : i + size] for i in range(0, len(flips), size)]
+
+    def group_sum(stacked, group):
+        stacked = _constrain(stacked, window_sharding)  # keep the enlarged batch split over the devices
+        return _unflipped_sum(call(params, stacked).astype(jnp.float32), group, batch)
+
+    if len(groups) == 1:
+        return group_sum(_flipped(windows, flips), flips) / len(flips)
+
+    def body(total, index):
+        stacked = lax.switch(index, [functools.partial(_flipped, flips=group) for group in groups], windows)
+        out = _constrain(call(params, _constrain(stacked, window_sharding)).astype(jnp.float32), window_sharding)
+        unflip = [functools.partial(_unflipped_sum, flips=group, batch=batch) for group in groups]
+        return total + lax.switch(index, unflip, out), None
+
+    out = jax.eval_shape(lambda w: call(params, w), windows)
+    total, _ = lax.scan(body, jnp.zeros(out.shape, jnp.float32), jnp.arange(len(groups)))
+    return total / len(flips)
 
 
 def _constrain(x, sharding):

@@ -38,7 +38,14 @@ def build_unet(model_config, deep_supervision: bool | None = None):
             f"{', '.join(unset)} not set: give them, or resolve the config against a plan "
             "(medseg_jax.train.setup.resolve_run does it for training)"
         )
-    optional = {"kernel_sizes": c.kernel_sizes, "strides": c.strides, "n_blocks_per_stage": c.n_blocks_per_stage}
+    # null (a config not resolved against a plan) takes UNet's default: PlainConvUNet's
+    optional = {
+        "kernel_sizes": c.kernel_sizes,
+        "strides": c.strides,
+        "n_blocks_per_stage": c.n_blocks_per_stage,
+        "encoder": c.encoder,
+        "n_conv_per_stage_decoder": c.n_conv_per_stage_decoder,
+    }
     kwargs = {name: value for name, value in optional.items() if value is not None}
     network = UNet(
         num_classes=c.num_classes,
@@ -46,8 +53,6 @@ def build_unet(model_config, deep_supervision: bool | None = None):
         n_stages=c.n_stages,
         features=c.features or default_features(c.n_stages, c.spatial_dims, c.base_features),
         n_conv_per_stage=c.n_conv_per_stage,
-        n_conv_per_stage_decoder=c.n_conv_per_stage_decoder,
-        encoder=c.encoder,
         deep_supervision=c.deep_supervision if deep_supervision is None else deep_supervision,
         upsample_implementation=c.upsample_implementation,
         conv_implementation=c.conv_implementation,

@@ -42,6 +42,7 @@ class TrainResult:
     stopped_early: bool
     final_loss: float | None
     pseudo_dice: float | None
+    final_validation_dice: float | None  # mean foreground Dice of the final validation (None: not run)
     seconds: float
     mesh: dict
     split: dict
@@ -49,6 +50,26 @@ class TrainResult:
     def summary(self) -> dict:
         fields = dataclasses.asdict(self)
         return {k: str(v) if isinstance(v, Path) else v for k, v in fields.items() if k != "split"}
+
+
+def _final_validation(run_dir, store, case_ids, model, state, plan, config, mesh, progress) -> float | None:
+    """Process 0 validates the fold (:mod:`medseg_jax.train.final_validation`) with a local copy of the
+    parameters (EMA where kept, as prediction uses), unless a complete validation of this step exists;
+    returns its mean foreground Dice there (None on the other processes, which do not wait for it)."""
+    from medseg_jax.train import final_validation as validation
+
+    step = int(jax.device_get(state.step))
+    params = state.ema_params if state.ema_params is not None else state.params
+    local = parallel.local_mesh() if jax.process_count() > 1 else mesh
+    params = parallel.host_local_tree(params, local)  # every process: it may need a collective
+    if not parallel.is_main_process():
+        return None
+    summary = validation.validation_summary(run_dir)
+    if summary is None or summary.get("step") != step:
+        summary = validation.final_validation(
+            run_dir, store, case_ids, model, params, plan, config.inference, step, mesh=local, progress=progress
+        )
+    return float(summary["foreground_mean"]["dice"])
 
 
 def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
@@ -106,6 +127,7 @@ def train(
     transfer_guard: str | None = None,
     autotune: bool = False,
     init_from=None,
+    final_validation: bool = True,
 ) -> TrainResult:
     """Train on fold ``fold`` of the store.
 
@@ -117,6 +139,9 @@ def train(
     ``init_from``: a run folder whose parameters a new run starts from (:mod:`medseg_jax.train.init_from`;
     ``config.model`` must already carry its network settings, see ``adopt_network``); a resumed run
     continues from its own checkpoint.
+    ``final_validation``: once the last step is done, predict and evaluate the fold's validation cases as
+    ``predict`` does (:mod:`medseg_jax.train.final_validation`, ``RUN/validation/``); a finished run called
+    again only completes a validation that is missing or was interrupted.
     """
     from tqdm.auto import tqdm
 
@@ -289,6 +314,11 @@ def train(
     if main:
         plot_curves(run_dir, entries, config.train.val_mode)
     final = int(jax.device_get(state.step))
+    validation_dice = None
+    if final_validation and not stopped and split["val"] and final == steps:
+        validation_dice = _final_validation(run_dir, store, split["val"], model, state, plan, config, mesh, progress)
+        if validation_dice is not None:
+            log(f"final validation of {len(split['val'])} case(s): mean foreground Dice {validation_dice:.4f}")
     losses = [e["loss"] for e in entries if "loss" in e]
     result = TrainResult(
         run_dir=run_dir,
@@ -298,6 +328,7 @@ def train(
         stopped_early=stopped,
         final_loss=losses[-1] if losses else None,
         pseudo_dice=pseudo_dice,
+        final_validation_dice=validation_dice,
         seconds=round(metrics_log.seconds(), 2),
         mesh=dict(mesh.shape),
         split=split,

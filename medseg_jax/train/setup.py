@@ -24,10 +24,11 @@ from medseg_jax.config import RunConfig, load_config, save_config, to_dict
 from medseg_jax.errors import ConfigError, DataError
 
 PLAN_NAME = "plan.json"
-SPLITS_NAME = "splits.json"
 CONFIG_NAME = "config.yaml"
 DEFAULT_VAL_BATCHES = 4  # patch batches per validation when train.val_mode is patches
-RESENC_BLOCKS = (1, 3, 4, 6)  # nnU-Net ResEnc (M/L/XL) residual blocks per stage; 6 for every deeper stage
+# The network of a plan that leaves it to the config (the default preset): nnU-Net's PlainConvUNet.
+UNPLANNED_NETWORK = {"encoder": "plain", "n_conv_per_stage_decoder": 2}
+STAGE_COUNT_FIELDS = ("n_blocks_per_stage", "n_conv_per_stage_decoder")  # one int per stage (per decoder stage)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +73,10 @@ class ResolvedRun:
 
 def plan_model_fields(plan: dict) -> dict[str, Any]:
     """The model fields a plan decides, in ModelConfig's types (the plan JSON format stays here,
-    :mod:`medseg_jax.models` never reads it)."""
+    :mod:`medseg_jax.models` never reads it). A ResEnc preset's plan also decides the network
+    (``encoder``, ``n_blocks_per_stage``, ``n_conv_per_stage_decoder``); other plans leave it to the config."""
     try:
-        return {
+        fields: dict[str, Any] = {
             "spatial_dims": int(plan["dim"]),
             "in_channels": len(plan["channel_names"]),
             "num_classes": int(plan["num_classes"]),
@@ -82,6 +84,10 @@ def plan_model_fields(plan: dict) -> dict[str, Any]:
             "kernel_sizes": tuple(tuple(int(k) for k in stage) for stage in plan["kernel_sizes"]),
             "strides": tuple(tuple(int(s) for s in stage) for stage in plan["strides"]),
         }
+        if "encoder" in plan:
+            fields["encoder"] = str(plan["encoder"])
+        fields |= {key: tuple(int(n) for n in plan[key]) for key in STAGE_COUNT_FIELDS if key in plan}
+        return fields
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(
             f"the plan lacks or mangles a model field ({type(exc).__name__}: {exc}); "
@@ -111,6 +117,7 @@ def check_stage_count(value, count: int, key: str) -> None:
 def resolve_model(model_config, plan: dict):
     """``model_config`` with the plan's topology. A plan-owned field the user set to another value than
     the plan's is a ConfigError naming the key and both values; it is never silently replaced."""
+    from medseg_jax.data.planners import resenc_blocks
     from medseg_jax.models.unet import default_features
 
     if model_config.ensemble != 1:
@@ -124,15 +131,15 @@ def resolve_model(model_config, plan: dict):
         value = getattr(model_config, key)
         if value is None:
             continue
-        same = (
-            per_stage_axes(value, n_stages, dims) == plan_value
-            if key in ("kernel_sizes", "strides")
-            else value == plan_value
-        )
+        if key in ("kernel_sizes", "strides"):
+            same = per_stage_axes(value, n_stages, dims) == plan_value
+        elif key in STAGE_COUNT_FIELDS:  # one number for every stage equals the plan's list of it
+            same = (tuple(value) if not isinstance(value, int) else (value,) * len(plan_value)) == plan_value
+        else:
+            same = value == plan_value
         if not same:
-            shown = [list(v) for v in plan_value] if isinstance(plan_value, tuple) else plan_value
             raise ConfigError(
-                f"model.{key}: the config says {to_dict(value)!r} but the plan says {shown!r}; the "
+                f"model.{key}: the config says {to_dict(value)!r} but the plan says {to_dict(plan_value)!r}; the "
                 f"plan decides it (leave model.{key} null) or make a new plan"
             )
     check_stage_count(model_config.features, n_stages, "model.features")
@@ -140,10 +147,11 @@ def resolve_model(model_config, plan: dict):
     check_stage_count(model_config.n_conv_per_stage_decoder, n_stages - 1, "model.n_conv_per_stage_decoder")
     check_stage_count(model_config.n_blocks_per_stage, n_stages, "model.n_blocks_per_stage")
     features = model_config.features or default_features(n_stages, dims, model_config.base_features)
-    blocks = model_config.n_blocks_per_stage
-    if blocks is None:
-        blocks = tuple(RESENC_BLOCKS[i] if i < len(RESENC_BLOCKS) else RESENC_BLOCKS[-1] for i in range(n_stages))
-    return dataclasses.replace(model_config, **planned, features=tuple(features), n_blocks_per_stage=blocks)
+    unplanned = {k: v for k, v in UNPLANNED_NETWORK.items() if getattr(model_config, k) is None}
+    resolved = dataclasses.replace(model_config, **unplanned, features=tuple(features))
+    if resolved.n_blocks_per_stage is None:  # ResEnc's 1, 3, 4, 6, 6, ... (kept when the encoder is plain)
+        resolved = dataclasses.replace(resolved, n_blocks_per_stage=resenc_blocks(n_stages))
+    return dataclasses.replace(resolved, **planned)
 
 
 def resolve_data(data_config, plan: dict, spatial_dims: int, strides):
@@ -245,25 +253,39 @@ def resolve_run(
 
 def store_fold(store, fold: int, n_folds: int = 5) -> dict[str, list[str]]:
     """Fold ``fold`` of ``STORE/splits.json`` (made from the store's cases with nnU-Net's k-fold rule,
-    the same folds as the raw dataset's, if absent); ``fold = -1`` trains on every case ("all")."""
-    from medseg_jax.data.splits import make_splits
+    the same folds as the raw dataset's, if absent); ``fold = -1`` trains on every case ("all").
 
+    nnU-Net's ``splits_final.json`` copied into the store is used when ``splits.json`` is absent, and
+    both must agree when both are there (:func:`medseg_jax.data.splits.read_existing_splits`); either
+    file must name only the store's cases."""
     case_ids = store.case_ids()
     if not case_ids:
         raise DataError(f"{store.path}: the store holds no cases")
     if fold == -1:
         return {"train": case_ids, "val": []}
-    path = store.location(SPLITS_NAME)  # a file, or a key in a bucket: read and written through the store
-    splits = store.read_json(SPLITS_NAME)
-    if splits is None:
-        splits = make_splits(case_ids, n_folds=n_folds)
-        store.write_json(SPLITS_NAME, splits)
+    splits, name = store_splits(store, n_folds)
     if not 0 <= fold < len(splits):
-        raise ConfigError(f"fold {fold} does not exist: {path} has folds 0..{len(splits) - 1} (or -1 for all cases)")
-    unknown = sorted(set(splits[fold]["train"] + splits[fold]["val"]) - set(case_ids))
-    if unknown:
-        raise DataError(f"{path}: fold {fold} names cases missing from the store: {unknown[:5]}")
+        raise ConfigError(
+            f"fold {fold} does not exist: {store.location(name)} has folds 0..{len(splits) - 1} (or -1 for all cases)"
+        )
     return splits[fold]
+
+
+def store_splits(store, n_folds: int = 5) -> tuple[list[dict[str, list[str]]], str]:
+    """``(the store's folds, the name of the file holding them)``: ``splits.json`` or nnU-Net's
+    ``splits_final.json`` (see :func:`store_fold`), made and written as ``splits.json`` if neither exists."""
+    from medseg_jax.data.splits import SPLITS_JSON, make_splits, read_existing_splits
+
+    case_ids = store.case_ids()
+    if not case_ids:
+        raise DataError(f"{store.path}: the store holds no cases")
+    # A file, or a key in a bucket: read and written through the store.
+    existing = read_existing_splits(store.read_json, store.location, set(case_ids))
+    if existing is not None:
+        return existing
+    splits = make_splits(case_ids, n_folds=n_folds)
+    store.write_json(SPLITS_JSON, splits)
+    return splits, SPLITS_JSON
 
 
 def environment() -> dict:

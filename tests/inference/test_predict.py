@@ -270,3 +270,96 @@ def test_a_scan_with_nan_voxels_is_refused_naming_the_file_and_the_count(tmp_pat
     assert not (tmp_path / "out").exists()
     with pytest.raises(DataError, match="3 NaN or infinite"):  # the in-memory API refuses them too
         Predictor(model, params, plan, NO_TTA).predict_volume([Volume(data, np.eye(4))])
+
+
+def test_a_folder_pipeline_writes_what_the_cases_one_by_one_write(tmp_path, monkeypatch):
+    import threading
+
+    from medseg_jax.inference import predict as predict_module
+
+    model, params = threshold_model(3)
+    plan = tiny_plan("MR")
+    inputs = tmp_path / "in"
+    for index in range(4):  # different shapes: each case is its own sliding window
+        _write_case(inputs, f"c{index}_0000.nii.gz", shape=(12 + 2 * index, 10, 8), seed=index)
+    threads: dict[str, set[str]] = {"read": set(), "write": set()}
+    for stage, name in (("read", "_read_case"), ("write", "_write_case")):
+        original = getattr(predict_module, name)
+
+        def recorded(*args, _original=original, _stage=stage):
+            threads[_stage].add(threading.current_thread().name)
+            return _original(*args)
+
+        monkeypatch.setattr(predict_module, name, recorded)
+    options = dict(save_probabilities=True, statistics=True, progress=False)
+    piped = predict_folder(inputs, tmp_path / "piped", model, params, plan, NO_TTA, **options)
+    assert all(name.startswith("medseg-read") for name in threads["read"]), threads
+    assert all(name.startswith("medseg-write") for name in threads["write"]), threads
+    threads = {"read": set(), "write": set()}
+    serial = predict_folder(inputs, tmp_path / "serial", model, params, plan, NO_TTA, pipeline=False, **options)
+    assert threads["read"] == threads["write"] == {threading.current_thread().name}
+    assert [s["case"] for s in piped] == [s["case"] for s in serial] == ["c0", "c1", "c2", "c3"]
+    for summary in piped:
+        assert min(summary[k] for k in ("read_seconds", "device_seconds", "write_seconds")) > 0
+    names = sorted(p.name for p in (tmp_path / "piped").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "serial").iterdir()) and len(names) == 12
+    for case in ("c0", "c1", "c2", "c3"):
+        labels = [np.asarray(nib.load(str(tmp_path / d / f"{case}.nii.gz")).dataobj) for d in ("piped", "serial")]
+        np.testing.assert_array_equal(*labels)
+        assert labels[0].shape == (12 + 2 * int(case[1]), 10, 8) and labels[0].any()
+        probabilities = [np.load(tmp_path / d / f"{case}.npz")["probabilities"] for d in ("piped", "serial")]
+        np.testing.assert_array_equal(*probabilities)
+        statistics = [(tmp_path / d / f"{case}.statistics.json").read_text() for d in ("piped", "serial")]
+        assert statistics[0] == statistics[1]
+
+
+def test_a_failing_case_in_the_pipeline_stops_it_after_the_cases_before_are_written(tmp_path):
+    model, params = threshold_model(3)
+    plan = tiny_plan("MR")
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    for name in ("a", "b", "c", "d"):
+        _write_case(inputs, f"{name}_0000.nii.gz", shape=(40, 40, 30), seed=ord(name))
+    good = (inputs / "c_0000.nii.gz").read_bytes()
+    (inputs / "c_0000.nii.gz").write_bytes(good[: len(good) // 2])  # found only when c is read
+    with pytest.raises(DataError, match="case c"):
+        predict_folder(inputs, out, model, params, plan, NO_TTA, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "b.nii.gz"]  # complete; c, d absent
+    for name in ("a", "b"):
+        assert nib.load(str(out / f"{name}.nii.gz")).shape == (40, 40, 30)
+
+    # a case that cannot be written (its label path is a folder): the cases after it are not written
+    (inputs / "c_0000.nii.gz").write_bytes(good)
+    out2 = tmp_path / "out2"
+    (out2 / "b.nii.gz").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"b\.nii\.gz: could not write NIfTI file"):
+        predict_folder(inputs, out2, model, params, plan, NO_TTA, progress=False)
+    assert sorted(p.name for p in out2.iterdir()) == ["a.nii.gz", "b.nii.gz"]
+    assert (out2 / "b.nii.gz").is_dir() and not any((out2 / "b.nii.gz").iterdir())
+
+
+def test_an_ensemble_averages_its_members_probabilities_on_the_scan_grid(tmp_path):
+    from medseg_jax.inference.predict import EnsemblePredictor
+
+    model, params = threshold_model(3)
+    scan = _write_case(tmp_path / "in", "scan.nii.gz", shape=(20, 18, 10), seed=3)
+    coarse, fine = tiny_plan("MR", spacing=(4.0, 4.0, 4.0)), tiny_plan("MR")  # two grids: resampled differently
+    members = [Predictor(model, params, plan, NO_TTA) for plan in (coarse, fine)]
+    separate = [
+        predict_path(scan, tmp_path / f"m{i}", None, None, None, predictor=m, save_probabilities=True)
+        for i, m in enumerate(members)
+    ]
+    probabilities = [np.load(tmp_path / f"m{i}" / "scan.npz")["probabilities"] for i in range(2)]
+    assert not np.allclose(probabilities[0], probabilities[1])  # the members really differ
+    ensemble = EnsemblePredictor(members, largest_component=True)
+    summary = predict_path(scan, tmp_path / "ens", None, None, None, predictor=ensemble, save_probabilities=True)
+    mean = (probabilities[0] + probabilities[1]) / 2
+    np.testing.assert_allclose(np.load(tmp_path / "ens" / "scan.npz")["probabilities"], mean, atol=1e-6)
+    from medseg_jax.postprocess import keep_largest_component
+
+    expected = keep_largest_component(np.argmax(mean, axis=0))
+    np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / "ens" / "scan.nii.gz")).dataobj), expected)
+    assert summary["shape"] == separate[0]["shape"] == [20, 18, 10]
+
+    other_labels = {**tiny_plan("MR"), "labels": {"background": 0, "kidney": 1, "cyst": 2}}
+    with pytest.raises(DataError, match="an ensemble averages the same classes"):
+        EnsemblePredictor([members[0], Predictor(model, params, other_labels, NO_TTA)])

@@ -88,3 +88,8 @@ def test_predictions_equal_nnunetv2_predict(runs, prediction, tmp_path):
         reference = (stored.astype(np.float32) / 255).transpose(0, 3, 2, 1)
         difference = float(np.abs(probabilities - reference).max())
         assert difference <= PROBABILITY_TOLERANCE, f"{prediction} {case}: probabilities differ up to {difference:.4f}"
+        # labels only: the logits are mapped back one class at a time (memory bounded), the same labels
+        labels_only = tmp_path / "labels-only" / f"{case}.nii.gz"
+        predict_path(image, labels_only, model, params, plan, config.inference)
+        assert not labels_only.with_name(f"{case}.npz").exists()
+        np.testing.assert_array_equal(read_image(labels_only).array, ours, err_msg=f"{prediction} {case}")
