@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     plan = json.loads(made.stdout.strip().splitlines()[-1])
     model = Path(plan["model"])
+    plan["model"] = str(model.relative_to(work))  # the record names no folder of this machine
     cases = work / "input"
     cases.mkdir(exist_ok=True)
     shutil.copy(image, cases / "bench_000_0000.nii.gz")
