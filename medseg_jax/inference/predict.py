@@ -34,7 +34,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import json
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -42,7 +41,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from medseg_jax.atomic import atomic_path, write_json_atomic
+from medseg_jax.atomic import write_json_atomic
 from medseg_jax.config import InferenceConfig
 from medseg_jax.data.case_files import CHANNEL_FILE, find_image_cases, nifti_stem
 from medseg_jax.data.image_io import check_finite, is_nifti, read_image, read_nifti_header, write_nifti
@@ -57,6 +56,7 @@ from medseg_jax.inference.dicom_seg import (
     seg_target,
     series_folders,
 )
+from medseg_jax.inference.ensemble_probabilities import probability_writer
 from medseg_jax.inference.restore import argmax_on_file_grid, class_probabilities
 from medseg_jax.inference.sliding_window import sliding_window
 from medseg_jax.inference.statistics import STATISTICS_SUFFIX, case_statistics
@@ -463,14 +463,12 @@ def write_outputs(
             written.append(write_json_atomic(_beside_label(label_path, STATISTICS_SUFFIX), statistics))
         if prediction.probabilities is not None:
             probs_path = _beside_label(label_path, ".npz")
-            arrays = {
-                "probabilities": np.stack([v.array for v in prediction.probabilities]),
-                "affine": prediction.label.affine,
-            }
-            if labels is not None:
-                arrays["labels"] = np.asarray(json.dumps(labels))
-            with atomic_path(probs_path) as tmp, open(tmp, "wb") as handle:
-                np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]
+            classes = prediction.probabilities
+            shape = (len(classes), *classes[0].shape)
+            # the one writer of the format (what `ensemble` reads); class by class, never a K x voxels stack
+            with probability_writer(probs_path, shape, prediction.label.affine, labels) as write_class:
+                for volume in classes:
+                    write_class(volume.array)
             written.append(probs_path)
         if write_label is None:
             written.append(write_nifti(prediction.label, label_path, dtype=np.uint8))
