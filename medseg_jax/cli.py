@@ -133,6 +133,7 @@ def shard_argument(value: str) -> tuple[int, int]:
 
 
 def cmd_preprocess(args) -> int:
+    from medseg_jax.cascade import bind_previous_stage, is_cascade
     from medseg_jax.data.dataset import load_dataset, validate_dataset
     from medseg_jax.data.plan import read_plan
     from medseg_jax.data.preprocess import preprocess_dataset
@@ -146,6 +147,14 @@ def cmd_preprocess(args) -> int:
     dataset = load_dataset(args.dataset)
     validate_dataset(dataset)
     plan = None if args.plan is None else read_plan(args.plan)
+    previous_stage = None
+    if plan is not None and (args.previous_stage is not None or is_cascade(plan)):
+        if args.previous_stage is None:
+            raise ConfigError(
+                f"{args.plan} is a 3d_cascade_fullres plan: give --previous-stage CV_LOWRES, the 3d_lowres "
+                "cross-validation (`medseg-jax cv`) whose predictions the cascade reads"
+            )
+        plan, previous_stage = bind_previous_stage(plan, args.previous_stage)
     store = CaseStore(args.out)
     if args.finalize:
         index = store.finalize([c.case_id for c in dataset.cases], plan)
@@ -154,7 +163,15 @@ def cmd_preprocess(args) -> int:
     assert plan is not None  # checked above: only --finalize goes without a plan
     # the store records the plan before its first case and refuses another one (training reads it there)
     shard = args.shard or (0, 1)
-    summary = preprocess_dataset(dataset, plan, store, num_workers=args.workers, progress=not args.quiet, shard=shard)
+    summary = preprocess_dataset(
+        dataset,
+        plan,
+        store,
+        num_workers=args.workers,
+        progress=not args.quiet,
+        shard=shard,
+        previous_stage=previous_stage,
+    )
     print(
         f"preprocessed {summary['written']} case(s), skipped {summary['skipped']} already in {args.out} "
         f"({summary['seconds']:.1f} s)"
@@ -501,10 +518,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, choices=(2, 3), default=None, help="2D or 3D plan (default 3)")
     p.add_argument(
         "--configuration",
-        choices=("2d", "3d_fullres", "3d_lowres"),
+        choices=("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"),
         default=None,
         help="nnU-Net configuration (default: 2d for --dim 2, else 3d_fullres); 3d_lowres: a coarser spacing for "
-        "datasets whose 3d_fullres patch sees under 25%% of the median image (else an error)",
+        "datasets whose 3d_fullres patch sees under 25%% of the median image (else an error); 3d_cascade_fullres: "
+        "3d_fullres that also reads the 3d_lowres prediction (preprocess it with --previous-stage)",
     )
     p.add_argument(
         "--preset",
@@ -517,8 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         default=None,
-        help="plan file (default DATASET/plan_2d.json, plan_3d.json or plan_3d_lowres.json, with _PRESET for a "
-        "ResEnc preset)",
+        help="plan file (default DATASET/plan_2d.json, plan_3d.json, plan_3d_lowres.json or "
+        "plan_3d_cascade_fullres.json, with _PRESET for a ResEnc preset)",
     )
     p.add_argument(
         "--gpu-memory-gb",
@@ -557,6 +575,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="store: a folder, or a URL (gs://bucket/path, s3://bucket/path, memory://name)"
     )
     p.add_argument("--workers", type=int, default=1, help="worker processes")
+    p.add_argument(
+        "--previous-stage",
+        type=Path,
+        default=None,
+        metavar="CV_LOWRES",
+        help="for a 3d_cascade_fullres plan: the 3d_lowres cross-validation folder (`medseg-jax cv`); each case's "
+        "input gets its cross-validation prediction as one mask per foreground class",
+    )
     p.add_argument(
         "--shard",
         type=shard_argument,

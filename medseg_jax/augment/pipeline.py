@@ -150,14 +150,29 @@ def intensity_augment(backend: Backend, draws, x, config: AugmentConfig):
     return x
 
 
-def augment_sample(backend: Backend, draws, image, label, config: AugmentConfig, patch_size=None, num_classes=None):
+def augment_sample(
+    backend: Backend,
+    draws,
+    image,
+    label,
+    config: AugmentConfig,
+    patch_size=None,
+    num_classes=None,
+    mask_channels: int = 0,
+):
     """The whole pipeline on one sample: ``image`` ``(*crop, C)``, ``label`` ``(*crop)`` ->
     ``(*patch, C)`` in the image's dtype (computed in float32) and ``(*patch)`` in the label's dtype.
-    ``patch_size`` defaults to the crop's size."""
+    ``patch_size`` defaults to the crop's size. The last ``mask_channels`` image channels are binary masks
+    (a cascade's previous stage, :mod:`medseg_jax.cascade`): they move with the image, are thresholded at
+    0.5 back to masks and get no intensity transform."""
     patch_size = tuple(label.shape) if patch_size is None else tuple(patch_size)
     out_image, out_label = spatial_augment(backend, draws, image, label, config, patch_size, num_classes)
-    out_image = intensity_augment(backend, draws, out_image, config)
-    return out_image.astype(image.dtype), out_label.astype(label.dtype)
+    scans = out_image.shape[-1] - mask_channels
+    augmented = intensity_augment(backend, draws, out_image[..., :scans], config)
+    if mask_channels:
+        masks = (out_image[..., scans:] >= 0.5).astype(augmented.dtype)
+        augmented = backend.xp.concatenate([augmented, masks], axis=-1)
+    return augmented.astype(image.dtype), out_label.astype(label.dtype)
 
 
 def _check_batch(image, label, patch_size) -> None:
@@ -173,14 +188,17 @@ def _check_batch(image, label, patch_size) -> None:
 
 
 def make_augmentation(
-    config: AugmentConfig, patch_size: Sequence[int] | None = None, num_classes: int | None = None
+    config: AugmentConfig,
+    patch_size: Sequence[int] | None = None,
+    num_classes: int | None = None,
+    mask_channels: int = 0,
 ) -> Callable:
     """The device pipeline ``augment_fn(key, image (B, *crop, C), label (B, *crop)) -> (image (B, *patch,
     C), label (B, *patch))``, pure and jittable (as ``make_train_step(..., augment_fn=...)`` calls it).
 
     Sample ``b`` uses ``jax.random.split(key, B)[b]``. ``patch_size`` defaults to the input size; feed
     crops of :func:`loader_crop_size` so that rotated and scaled patches contain no padding.
-    ``num_classes`` is needed for ``label_interpolation="linear"``.
+    ``num_classes`` is needed for ``label_interpolation="linear"``; ``mask_channels``: see :func:`augment_sample`.
     """
     if patch_size is not None:
         check_augment_config(config, len(patch_size))
@@ -191,7 +209,7 @@ def make_augmentation(
         patch = tuple(label.shape[1:]) if patch_size is None else tuple(patch_size)
 
         def one(sample_key, x, y):
-            return augment_sample(JAX, KeyDraws(sample_key), x, y, config, patch, num_classes)
+            return augment_sample(JAX, KeyDraws(sample_key), x, y, config, patch, num_classes, mask_channels)
 
         return jax.vmap(one)(jax.random.split(key, label.shape[0]), image, label)
 
@@ -205,6 +223,7 @@ def augment_numpy(
     config: AugmentConfig,
     patch_size: Sequence[int] | None = None,
     num_classes: int | None = None,
+    mask_channels: int = 0,
 ):
     """The host pipeline on a batch ``(B, *crop, C)``, ``(B, *crop)`` -> ``(B, *patch, C)``, ``(B, *patch)``
     with NumPy/SciPy, drawing from ``rng`` sample after sample (transforms not drawn cost nothing)."""
@@ -212,7 +231,9 @@ def augment_numpy(
     _check_batch(image, label, patch_size)
     check_augment_config(config, label.ndim - 1)
     draws = GeneratorDraws(rng)
-    outputs = [augment_sample(NUMPY, draws, x, y, config, patch_size, num_classes) for x, y in zip(image, label)]
+    outputs = [
+        augment_sample(NUMPY, draws, x, y, config, patch_size, num_classes, mask_channels) for x, y in zip(image, label)
+    ]
     return np.stack([o[0] for o in outputs]), np.stack([o[1] for o in outputs])
 
 
@@ -240,12 +261,14 @@ def loader_crop_size(config: AugmentConfig, patch_size: Sequence[int]) -> tuple[
     return tuple(crop)
 
 
-def train_step_augmentation(config: AugmentConfig, patch_size: Sequence[int], num_classes: int | None = None):
+def train_step_augmentation(
+    config: AugmentConfig, patch_size: Sequence[int], num_classes: int | None = None, mask_channels: int = 0
+):
     """``augment_fn`` for ``make_train_step`` when ``mode`` is device, else ``None`` (the loader augments
     in cpu mode and delivers patches; none: no augmentation)."""
     if config.mode != "device":
         return None
-    return make_augmentation(config, patch_size, num_classes)
+    return make_augmentation(config, patch_size, num_classes, mask_channels)
 
 
 def augment_batch_numpy(
@@ -254,8 +277,14 @@ def augment_batch_numpy(
     config: AugmentConfig,
     patch_size: Sequence[int],
     num_classes: int | None = None,
+    mask_channels: int = 0,
 ) -> dict:
     """:func:`augment_numpy` on a loader batch dict; picklable through ``functools.partial`` so that
-    loader worker processes can run it (``augment.mode: cpu``)."""
-    image, label = augment_numpy(rng, batch["image"], batch["label"], config, patch_size, num_classes)
+    loader worker processes can run it (``augment.mode: cpu``). A cascade's masks (the last
+    ``mask_channels``) are degraded first (:func:`medseg_jax.cascade.degrade_batch`)."""
+    if mask_channels:
+        from medseg_jax.cascade import degrade_batch
+
+        batch = degrade_batch(rng, batch, mask_channels)
+    image, label = augment_numpy(rng, batch["image"], batch["label"], config, patch_size, num_classes, mask_channels)
     return {"image": image.astype(np.float32), "label": label.astype(np.int32)}

@@ -232,8 +232,10 @@ def make_plan(
     voxels}``) and ``clahe`` (``{"clip_limit": 0.01, "kernel_size": None}``) go to ``plan["preprocessing"]``.
     ``preset`` ``resenc-m`` / ``resenc-l`` / ``resenc-xl`` plans as nnU-Net's ResEnc planners
     (:mod:`medseg_jax.data.planners`; ``gpu_memory_gb`` defaults to the preset's). ``configuration`` is
-    ``2d``, ``3d_fullres`` or ``3d_lowres`` (default: ``2d`` for ``dim`` 2, else ``3d_fullres``).
+    ``2d``, ``3d_fullres``, ``3d_lowres`` or ``3d_cascade_fullres`` (3d_fullres whose network also takes the
+    3d_lowres prediction, :mod:`medseg_jax.cascade`; default: ``2d`` for ``dim`` 2, else ``3d_fullres``).
     """
+    from medseg_jax.cascade import previous_stage_entry
     from medseg_jax.data.planners import check_options, lowres_configuration, resenc_planner
 
     spacings = np.asarray(fingerprint["spacings"], dtype=np.float64)
@@ -258,13 +260,19 @@ def make_plan(
         plan_at = resenc_planner(resenc, dim, num_classes, gpu_memory_gb, min_batch_size, max_stages, base_features)
     n_cases = len(spacings)
     network = plan_at(spacing[planned_axes], median_shape[planned_axes], np.prod(median_shape) * n_cases)
-    lowres = {}
+    lowres: dict = {}
     if configuration == "3d_lowres":
         fullres_spacing = spacing
         spacing, median_shape, network = lowres_configuration(
             plan_at, spacing, median_shape, network["patch_size"], n_cases
         )
         lowres = {"fullres_spacing": [float(s) for s in fullres_spacing]}
+    elif configuration == "3d_cascade_fullres":
+        try:  # nnU-Net plans the cascade only where it plans 3d_lowres (its first stage): the same check
+            lowres_configuration(plan_at, spacing, median_shape, network["patch_size"], n_cases)
+        except ConfigError as exc:
+            raise ConfigError(f"no 3d_cascade_fullres without its first stage: {exc}") from None
+        lowres = {"previous_stage": previous_stage_entry(labels)}
     return {
         "plan_format_version": PLAN_FORMAT_VERSION,
         "dataset_name": fingerprint.get("dataset_name"),

@@ -35,10 +35,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from medseg_jax.cascade import check_previous_stage
 from medseg_jax.data.plan import MAX_FEATURES, stage_topology, total_stride
 from medseg_jax.errors import ConfigError, DataError
 
-CONFIGURATIONS = {"2d": 2, "3d_fullres": 3, "3d_lowres": 3}  # nnU-Net's configuration names and their dims
+CONFIGURATIONS = {"2d": 2, "3d_fullres": 3, "3d_lowres": 3, "3d_cascade_fullres": 3}  # nnU-Net's names, their dims
 DEFAULT_GPU_MEMORY_GB = 8.0  # the default preset's, as nnU-Net's default ExperimentPlanner
 INITIAL_PATCH_VOXELS = {2: 2048**2, 3: 256**3}  # nnU-Net starts large and shrinks to the memory target
 REFERENCE_BATCH = {2: 12, 3: 2}  # the batch the reference values were measured with
@@ -293,6 +294,7 @@ def check_planner_fields(plan: dict, source: str) -> None:
         raise DataError(f"{source}: 'preset' {plan['preset']!r} is not one of {', '.join(PRESET_NAMES)}")
     if configuration == "3d_lowres" and not _positive_numbers(plan.get("fullres_spacing"), 3):
         raise DataError(f"{source}: a 3d_lowres plan needs 'fullres_spacing', three positive numbers")
+    check_previous_stage(plan, source)
     if "encoder" in plan and plan["encoder"] not in ("plain", "residual"):
         raise DataError(f"{source}: 'encoder' {plan['encoder']!r} is not 'plain' or 'residual'")
     n_stages = plan["n_stages"]

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import binary_fill_holes
 
+from medseg_jax.cascade import is_cascade, mask_input
 from medseg_jax.data.image_io import read_case
 from medseg_jax.data.intensity import clahe, denoise, normalize_channel
 from medseg_jax.data.plan import check_plan
@@ -129,8 +130,11 @@ def _normalize(image: np.ndarray, plan: dict, spacing) -> np.ndarray:
     return np.stack(channels).astype(np.float32)
 
 
-def preprocess_case(images: list[Volume], label: Volume | None, plan: dict):
+def preprocess_case(images: list[Volume], label: Volume | None, plan: dict, previous_stage: Volume | None = None):
     """Preprocess one case: ``(image float32 (C, *spatial), label uint8 (*spatial) or None, properties)``.
+
+    A cascade plan (:mod:`medseg_jax.cascade`) needs ``previous_stage``, the 3d_lowres label map on the
+    scans' grid: it is preprocessed as the label and appended to the image as one mask per foreground class.
 
     ``images`` holds one volume per channel in the plan's channel order (same grid). ``properties`` is
     JSON-able: ``original_shape`` / ``original_affine`` (file voxel order), ``ras_shape`` / ``ras_affine``,
@@ -178,18 +182,31 @@ def preprocess_case(images: list[Volume], label: Volume | None, plan: dict):
     if not early:
         image = _normalize(image, plan, target)
 
-    label_out = None
-    if label_ras is not None:
-        label_array = crop(label_ras.array, bbox)
+    def label_on_grid(volume: Volume) -> np.ndarray:
+        label_array = crop(volume.array, bbox)
         values = np.unique(label_array)
         if values.min() < 0 or values.max() >= plan["num_classes"] or np.any(values != np.round(values)):
             raise DataError(
-                f"{_source(label_ras)}: label values {values.tolist()} are outside 0..{plan['num_classes'] - 1}"
+                f"{_source(volume)}: label values {values.tolist()} are outside 0..{plan['num_classes'] - 1}"
             )
-        label_array = label_array.astype(np.uint8)
-        label_out = resample_label(
-            label_array, spacing, target, order=resampling.get("label_order", 1), new_shape=new_shape
+        return resample_label(
+            label_array.astype(np.uint8), spacing, target, order=resampling.get("label_order", 1), new_shape=new_shape
         )
+
+    label_out = None if label_ras is None else label_on_grid(label_ras)
+    if is_cascade(plan):
+        if previous_stage is None:
+            raise DataError(
+                f"{_source(images[0])}: the plan is a 3d_cascade_fullres plan; its input needs the 3d_lowres "
+                "prediction of the case (the previous stage)"
+            )
+        previous = orient(previous_stage, orientation)
+        if previous.shape != ras[0].shape or not np.allclose(previous.affine, ras[0].affine, atol=1e-3):
+            raise DataError(
+                f"{_source(previous_stage)}: the previous stage's label map (shape {previous_stage.shape}) is not on "
+                f"the grid of the scan {_source(images[0])} (shape {images[0].shape})"
+            )
+        image = np.concatenate([image, mask_input(label_on_grid(previous), plan)])
 
     ras_affine = ras[0].affine
     properties = {
@@ -282,13 +299,18 @@ def case_error(case_id: str, image_paths, label_path, exc: Exception) -> DataErr
     return DataError(f"case {case_id} ({', '.join(files)}): {exc}")
 
 
-def _preprocess_job(case_id: str, image_paths, label_path, plan: dict):
+def _preprocess_job(case_id: str, image_paths, label_path, plan: dict, previous_stage_path=None):
     """Read and preprocess one case (module level so worker processes can run it)."""
+    from medseg_jax.data.image_io import read_nifti
+
     try:
         images, label = read_case(image_paths, label_path)
-        image, label_out, properties = preprocess_case(images, label, plan)
+        previous = None if previous_stage_path is None else read_nifti(previous_stage_path)
+        image, label_out, properties = preprocess_case(images, label, plan, previous)
     except CASE_ERRORS as exc:
         raise case_error(case_id, image_paths, label_path, exc) from exc
+    if previous_stage_path is not None:
+        properties["previous_stage_file"] = str(Path(previous_stage_path).resolve())
     properties["case_id"] = case_id
     # where the case came from: the final validation of a fold compares with the label as the dataset holds
     # it (on the scan's own grid), not with the resampled copy in the store
@@ -317,7 +339,13 @@ def shard_cases(cases: Sequence, index: int, count: int) -> list:
 
 
 def preprocess_dataset(
-    dataset, plan: dict, store, num_workers: int = 1, progress: bool = True, shard: tuple[int, int] = (0, 1)
+    dataset,
+    plan: dict,
+    store,
+    num_workers: int = 1,
+    progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
+    previous_stage: dict | None = None,
 ) -> dict:
     """Preprocess the cases of ``dataset`` (of one shard) not yet in ``store`` (resumable); returns a summary.
 
@@ -334,6 +362,9 @@ def preprocess_dataset(
     (:meth:`~medseg_jax.data.store.CaseStore.finalize`); sharded runs leave that to ``preprocess
     --finalize`` once all shards are done, as no shard knows when the others finish.
 
+    ``previous_stage`` (a cascade plan, :func:`medseg_jax.cascade.bind_previous_stage`): ``{case: the 3d_lowres
+    prediction's file}``; a case without one is a DataError before anything is written.
+
     Summary: ``{"written": n, "skipped": n, "seconds": s, "cases": cases of this shard,
     "indexed": whether the index was written}``.
     """
@@ -342,12 +373,27 @@ def preprocess_dataset(
     check_plan(plan)
     index, count = shard
     mine = shard_cases(dataset.cases, index, count)  # checks the shard before anything is written
+    previous_stage = previous_stage or {}
+    if is_cascade(plan):
+        lacking = [c.case_id for c in mine if c.case_id not in previous_stage]
+        if lacking:
+            raise DataError(
+                f"the previous stage predicted no {', '.join(lacking[:5])}"
+                f"{' ...' if len(lacking) > 5 else ''} ({len(lacking)} case(s)): the 3d_lowres cross-validation "
+                "must be of this dataset"
+            )
     started = time.perf_counter()
     store.write_plan(plan)  # before any case: a resumed store can then refuse another plan
     missing = set(store.missing_cases([c.case_id for c in mine]))
     todo = [c for c in mine if c.case_id in missing]
     jobs = [
-        (c.case_id, [str(p) for p in c.image_paths], None if c.label_path is None else str(c.label_path), plan)
+        (
+            c.case_id,
+            [str(p) for p in c.image_paths],
+            None if c.label_path is None else str(c.label_path),
+            plan,
+            None if c.case_id not in previous_stage else str(previous_stage[c.case_id]),
+        )
         for c in todo
     ]
     written = 0

@@ -156,6 +156,7 @@ def export_predictor(
     ``plan`` and ``inference_config`` (an :class:`~medseg_jax.config.InferenceConfig`); returns
     ``export.json``'s contents. ``out`` must not exist or be empty."""
     from medseg_jax.atomic import check_new_folder, json_text, staged_folder
+    from medseg_jax.cascade import is_cascade
     from medseg_jax.config import InferenceConfig
     from medseg_jax.data.plan import check_plan
     from medseg_jax.inference.sliding_window import gaussian_importance_map
@@ -163,6 +164,11 @@ def export_predictor(
     out = check_new_folder(out, "export folder")
     platforms = check_platforms(platforms)
     check_plan(plan)
+    if is_cascade(plan):  # the standalone predictor has no first stage to run
+        raise ConfigError(
+            "a 3d_cascade_fullres run cannot be exported: its input holds the 3d_lowres prediction, which the "
+            "standalone predictor cannot make; export the 3d_lowres or 3d_fullres runs"
+        )
     inference_config = inference_config or InferenceConfig()
     dim = int(plan["dim"])
     if inference_config.mirror_axes is not None and any(not 0 <= int(a) < dim for a in inference_config.mirror_axes):

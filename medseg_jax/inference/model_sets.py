@@ -6,6 +6,9 @@
   scan's grid, as ``nnUNetv2_predict -f 0 1 2 3 4`` and ``nnUNetv2_ensemble`` do;
 - a model folder written by ``medseg-jax find-best``: its ``model.json`` lists the runs (paths relative to
   the folder, or absolute) and the postprocessing chosen on the cross-validation.
+
+A 3d_cascade_fullres run brings its first stage: the 3d_lowres runs its plan names predict each scan first
+(one predictor for every cascade run of the same 3d_lowres cross-validation).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import dataclasses
 from pathlib import Path
 
 from medseg_jax.atomic import read_json
+from medseg_jax.cascade import is_cascade, previous_stage_runs
 from medseg_jax.errors import ConfigError, DataError
 
 MODEL_SET_NAME = "model.json"
@@ -76,6 +80,19 @@ def build_predictor(
     runs, carried = expand_models(model_paths)
     steps = carried if postprocessing is None else postprocessing
     largest_component = predictor_options.pop("largest_component", False)
+    first_stages: dict[tuple[Path, ...], object] = {}  # cascade runs of one 3d_lowres CV share its predictor
+
+    def first_stage(plan: dict):
+        if not is_cascade(plan):
+            return None
+        key = tuple(previous_stage_runs(plan))
+        if key not in first_stages:
+            log(f"3d_cascade_fullres: first stage {', '.join(map(str, key))}")
+            first_stages[key] = build_predictor(
+                key, checkpoint, inference_changes, postprocessing=[], autotune=autotune, log=log, **predictor_options
+            )
+        return first_stages[key]
+
     loaded = []
     for run in runs:
         model, params, plan, config = load_run(run, checkpoint)
@@ -92,9 +109,10 @@ def build_predictor(
             inference,
             largest_component=largest_component,
             postprocessing=steps,
+            previous_stage=first_stage(plan),
             **predictor_options,
         )
-    members = [Predictor(*member, **predictor_options) for member in loaded]
+    members = [Predictor(*member, previous_stage=first_stage(member[2]), **predictor_options) for member in loaded]
     return EnsemblePredictor(
         members, largest_component=largest_component, postprocessing=steps, names=[str(r) for r in runs]
     )

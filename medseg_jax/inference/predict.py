@@ -42,6 +42,7 @@ import jax
 import numpy as np
 
 from medseg_jax.atomic import write_json_atomic
+from medseg_jax.cascade import is_cascade
 from medseg_jax.config import InferenceConfig
 from medseg_jax.data.case_files import CHANNEL_FILE, find_image_cases, nifti_stem
 from medseg_jax.data.image_io import check_finite, is_nifti, read_image, read_nifti_header, write_nifti
@@ -114,6 +115,8 @@ class Predictor:
     single organ whose lesions may be many); ``postprocessing``: then, in order, groups of classes each
     taken as one mask that keeps its largest component (:func:`~medseg_jax.postprocess.apply_postprocessing`,
     as ``medseg-jax find-best`` chooses them); ``mesh`` splits window batches over its ``data`` axis.
+    ``previous_stage``: for a cascade run (:mod:`medseg_jax.cascade`), the predictor of its 3d_lowres runs,
+    which predicts each scan first unless :meth:`prepare` is given that label map.
 
     A case runs in three stages, which a folder pipelines (:func:`predict_cases`): :meth:`prepare` (host),
     :meth:`infer` (device) and :meth:`finish_case` (host).
@@ -130,6 +133,7 @@ class Predictor:
         largest_component=False,
         postprocessing=(),
         mesh=None,
+        previous_stage=None,
     ):
         if mesh is not None:  # every device needs the parameters: replicate them over the mesh once
             from jax.sharding import NamedSharding, PartitionSpec
@@ -142,6 +146,7 @@ class Predictor:
         self.largest_component = largest_component
         self.postprocessing = check_postprocessing(list(postprocessing), int(plan["num_classes"]))
         self.mesh = mesh
+        self.previous_stage = previous_stage
         self.dim = int(plan["dim"])
         self.patch_size = tuple(int(p) for p in plan["patch_size"])
         self.apply_fn = _FullResolution(model)
@@ -231,11 +236,23 @@ class Predictor:
         labels = argmax_on_file_grid(logits, to_file_grid, over="logits" if kind == "logits" else "probabilities")
         return labels, affine[0]
 
-    def prepare(self, images: list[Volume]) -> PreparedCase:
-        """Stage 1 (host): the case preprocessed with the plan's steps."""
+    def previous_stage_label(self, images: list[Volume]) -> Volume:
+        """A cascade's first stage: the 3d_lowres runs' label map of the scan, on the scan's grid."""
+        if self.previous_stage is None:
+            raise ConfigError(
+                "this 3d_cascade_fullres run reads the 3d_lowres prediction of each scan, and no 3d_lowres runs "
+                "were given to predict it"
+            )
+        return self.previous_stage.predict_volume(images).label
+
+    def prepare(self, images: list[Volume], previous_stage: Volume | None = None) -> PreparedCase:
+        """Stage 1 (host): the case preprocessed with the plan's steps (a cascade's: with ``previous_stage``,
+        the first stage's label map, predicted here when not given)."""
         for volume in images:  # NaN would flow through normalisation into a plausible-looking but wrong mask
             check_finite(volume, "scan")
-        image, _, properties = preprocess_case(images, None, self.plan)
+        if is_cascade(self.plan) and previous_stage is None:
+            previous_stage = self.previous_stage_label(images)
+        image, _, properties = preprocess_case(images, None, self.plan, previous_stage)
         return PreparedCase(image, properties)
 
     def infer(self, prepared: PreparedCase):
@@ -365,9 +382,20 @@ class EnsemblePredictor:
         self.postprocessing = check_postprocessing(list(postprocessing), int(first["num_classes"]))
 
     postprocess = Predictor.postprocess
+    predict_volume = Predictor.predict_volume  # the same three stages
 
     def prepare(self, images: list[Volume]) -> list[PreparedCase]:
-        return [member.prepare(images) for member in self.members]
+        first_stages: dict[int, Volume] = {}  # cascade members of one first stage share its prediction
+        prepared = []
+        for member in self.members:
+            previous = None
+            if is_cascade(member.plan) and member.previous_stage is not None:
+                key = id(member.previous_stage)
+                if key not in first_stages:
+                    first_stages[key] = member.previous_stage_label(images)
+                previous = first_stages[key]
+            prepared.append(member.prepare(images, previous))
+        return prepared
 
     def infer(self, prepared: list[PreparedCase]) -> list:
         return [member.infer(case) for member, case in zip(self.members, prepared)]

@@ -107,13 +107,16 @@ def augmentation(run: setup.ResolvedRun):
     import functools
 
     from medseg_jax.augment import augment_batch_numpy, train_step_augmentation
+    from medseg_jax.cascade import degrade_batch, mask_channels
 
     c, num_classes = run.augment, run.model.num_classes
+    masks = mask_channels(run.plan)  # a cascade's previous-stage masks: degraded in the loader, kept binary
     if c.mode == "cpu":
         return None, functools.partial(
-            augment_batch_numpy, config=c, patch_size=run.patch_size, num_classes=num_classes
+            augment_batch_numpy, config=c, patch_size=run.patch_size, num_classes=num_classes, mask_channels=masks
         )
-    return train_step_augmentation(c, run.patch_size, num_classes), None
+    degrade = functools.partial(degrade_batch, mask_channels=masks) if masks else None
+    return train_step_augmentation(c, run.patch_size, num_classes, masks), degrade
 
 
 def train(

@@ -75,10 +75,12 @@ def plan_model_fields(plan: dict) -> dict[str, Any]:
     """The model fields a plan decides, in ModelConfig's types (the plan JSON format stays here,
     :mod:`medseg_jax.models` never reads it). A ResEnc preset's plan also decides the network
     (``encoder``, ``n_blocks_per_stage``, ``n_conv_per_stage_decoder``); other plans leave it to the config."""
+    from medseg_jax.cascade import mask_channels
+
     try:
         fields: dict[str, Any] = {
             "spatial_dims": int(plan["dim"]),
-            "in_channels": len(plan["channel_names"]),
+            "in_channels": len(plan["channel_names"]) + mask_channels(plan),  # a cascade also reads masks
             "num_classes": int(plan["num_classes"]),
             "n_stages": int(plan["n_stages"]),
             "kernel_sizes": tuple(tuple(int(k) for k in stage) for stage in plan["kernel_sizes"]),

@@ -192,7 +192,8 @@ def test_3d_lowres_is_refused_naming_the_numbers_when_nnunet_plans_none():
     [
         ({"preset": "resenc-s"}, r"preset 'resenc-s' is unknown; choose one of default, resenc-m"),
         ({"preset": "resenc-m", "voxel_budget": 1000}, r"voxel_budget sizes the default planner"),
-        ({"configuration": "3d_cascade_fullres"}, r"configuration '3d_cascade_fullres' is unknown"),
+        ({"configuration": "3d_cascade"}, r"configuration '3d_cascade' is unknown"),
+        ({"configuration": "3d_cascade_fullres"}, r"no 3d_cascade_fullres without its first stage: this dataset needs"),
         ({"dim": 2, "configuration": "3d_lowres"}, r"dim 2 does not match configuration '3d_lowres', which is 3D"),
         ({"gpu_memory_gb": 0}, r"gpu_memory_gb must be a positive number"),
         ({"preset": "resenc-m", "gpu_memory_gb": 1e-7}, r"gpu_memory_gb=1e-07 is too small for preset 'resenc-m'"),
