@@ -169,7 +169,8 @@ def degrade_masks(rng: np.random.Generator, masks: np.ndarray) -> np.ndarray:
     With probability 0.4, each mask in a random order gets a random binary dilation, erosion, opening or
     closing with a ball of radius 1-8 voxels; voxels a mask gains leave the other masks (they stay
     disjoint). Then with probability 0.2, each mask loses one of its connected components, chosen at random
-    among those covering at most 15% of the patch."""
+    among those covering at most 15% of the sample (nnU-Net: of the patch; the loader's crop here, the patch
+    plus the margin the spatial augmentation needs)."""
     out = masks > 0.5
     k = out.shape[-1]
     if rng.random() < BINARY_OPERATOR_PROBABILITY:

@@ -118,6 +118,7 @@ def test_clone_shim_and_scripts_parse_the_same_flags(tmp_path):
         "augmentation_effect.py",
         "bench_loader.py",
         "bench_loop.py",
+        "cv_workflow.py",
     ):
         result = run_from(tmp_path, str(REPO / "benchmarks" / script), "--help")  # run as a file, anywhere
         assert result.returncode == 0, (script, result.stderr)
