@@ -54,13 +54,62 @@ def reference_file(store, case_id: str, properties: dict, out: Path) -> tuple[Pa
     return write_nifti(restored, out / REFERENCES_DIR / f"{case_id}.nii.gz", dtype=np.uint8), "store"
 
 
-def _start(out: Path, step: int) -> None:
-    """Start (or continue) the validation of checkpoint ``step`` in ``out``; one of another step is removed."""
+def start_validation(run_dir, step: int) -> None:
+    """Start (or continue) the validation of checkpoint ``step``; one of another step is removed (one
+    process does this before any predicts)."""
+    out = Path(run_dir) / VALIDATION_DIR
     state = read_json(out / STATE_NAME) if (out / STATE_NAME).is_file() else None
     if state is not None and state.get("step") != step:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / STATE_NAME, {"step": step})
+
+
+def predict_validation_cases(
+    run_dir, store, case_ids, model, params, plan: dict, inference_config, *, mesh=None, progress: bool = True
+) -> int:
+    """Predict each of ``case_ids`` not yet in ``RUN/validation`` (label map and probabilities, each file
+    atomic); returns how many were predicted. Processes of a cluster each call it with their own cases."""
+    from tqdm.auto import tqdm
+
+    from medseg_jax.inference.predict import Predictor, write_outputs
+
+    out = Path(run_dir) / VALIDATION_DIR
+    predictor = Predictor(model, params, plan, inference_config, mesh=mesh)
+    predicted = 0
+    for case_id in tqdm(case_ids, desc="final validation", unit="case", disable=not progress):
+        target = out / f"{case_id}.nii.gz"
+        if target.is_file() and target.with_name(f"{case_id}.npz").is_file():
+            continue  # written before a kill: each file is complete (atomic)
+        image, _ = store.read_case(case_id)
+        logits = predictor.window_logits(image)
+        properties = store.read_properties(case_id)
+        prediction = predictor.finish(logits, properties, case_id, return_probabilities=True, case_id=case_id)
+        write_outputs(prediction, target, labels=plan["labels"])
+        predicted += 1
+    return predicted
+
+
+def write_validation_summary(run_dir, store, case_ids, plan: dict, inference_config, step: int) -> dict:
+    """Evaluate the predicted validation cases against their references into ``RUN/validation`` (metrics.csv,
+    then summary.json, last); returns the summary."""
+    from medseg_jax.evaluation import evaluate_pairs, write_evaluation
+
+    out = Path(run_dir) / VALIDATION_DIR
+    predictions, references, sources = {}, {}, {}
+    for case_id in case_ids:
+        properties = store.read_properties(case_id)
+        references[case_id], sources[case_id] = reference_file(store, case_id, properties, out)
+        predictions[case_id] = out / f"{case_id}.nii.gz"
+    rows, summary = evaluate_pairs(predictions, references, plan["labels"], progress=False)
+    summary.update(
+        step=step,
+        references={case: str(path) for case, path in references.items()},
+        reference_source=sources,
+        inference={"step_size": inference_config.step_size, "mirror_axes": inference_config.mirror_axes},
+    )
+    write_evaluation(out, rows, summary)
+    return summary
 
 
 def final_validation(
@@ -76,36 +125,13 @@ def final_validation(
     mesh=None,
     progress: bool = True,
 ) -> dict:
-    """Predict and evaluate the fold's validation cases into ``RUN/validation`` (see the module docstring);
-    returns the summary. ``params``: the parameters prediction uses (EMA where the run keeps them)."""
-    from tqdm.auto import tqdm
-
-    from medseg_jax.evaluation import evaluate_pairs, write_evaluation
-    from medseg_jax.inference.predict import Predictor, write_outputs
-
+    """Predict and evaluate the fold's validation cases into ``RUN/validation`` (see the module docstring) in
+    this one process; returns the summary. ``params``: the parameters prediction uses (EMA where the run
+    keeps them). Training on several processes splits the prediction between them (``train.loop``)."""
     if not case_ids:
         raise DataError(f"{run_dir}: the fold has no validation cases to validate")
-    out = Path(run_dir) / VALIDATION_DIR
-    _start(out, step)
-    predictor = Predictor(model, params, plan, inference_config, mesh=mesh)
-    predictions, references, sources = {}, {}, {}
-    for case_id in tqdm(case_ids, desc="final validation", unit="case", disable=not progress):
-        properties = store.read_properties(case_id)
-        references[case_id], sources[case_id] = reference_file(store, case_id, properties, out)
-        target = out / f"{case_id}.nii.gz"
-        predictions[case_id] = target
-        if target.is_file() and target.with_name(f"{case_id}.npz").is_file():
-            continue  # written before a kill: each file is complete (atomic)
-        image, _ = store.read_case(case_id)
-        logits = predictor.window_logits(image)
-        prediction = predictor.finish(logits, properties, case_id, return_probabilities=True, case_id=case_id)
-        write_outputs(prediction, target, labels=plan["labels"])
-    rows, summary = evaluate_pairs(predictions, references, plan["labels"], progress=False)
-    summary.update(
-        step=step,
-        references={case: str(path) for case, path in references.items()},
-        reference_source=sources,
-        inference={"step_size": inference_config.step_size, "mirror_axes": predictor.config.mirror_axes},
+    start_validation(run_dir, step)
+    predict_validation_cases(
+        run_dir, store, case_ids, model, params, plan, inference_config, mesh=mesh, progress=progress
     )
-    write_evaluation(out, rows, summary)
-    return summary
+    return write_validation_summary(run_dir, store, case_ids, plan, inference_config, step)

@@ -23,7 +23,7 @@ import jax
 from medseg_jax import checkpoint, parallel, tuning
 from medseg_jax.atomic import json_safe, write_json_atomic, write_text_atomic
 from medseg_jax.config import to_dict
-from medseg_jax.errors import ConfigError
+from medseg_jax.errors import ConfigError, DataError
 from medseg_jax.train import hooks, setup
 from medseg_jax.train.optim import make_lr_schedule, make_optimizer
 from medseg_jax.train.prefetch import DevicePrefetcher
@@ -52,23 +52,47 @@ class TrainResult:
         return {k: str(v) if isinstance(v, Path) else v for k, v in fields.items() if k != "split"}
 
 
-def _final_validation(run_dir, store, case_ids, model, state, plan, config, mesh, progress) -> float | None:
-    """Process 0 validates the fold (:mod:`medseg_jax.train.final_validation`) with a local copy of the
-    parameters (EMA where kept, as prediction uses), unless a complete validation of this step exists;
-    returns its mean foreground Dice there (None on the other processes, which do not wait for it)."""
+def _final_validation(run_dir, store, case_ids, model, state, plan, config, mesh, progress, log) -> float | None:
+    """Validate the fold (:mod:`medseg_jax.train.final_validation`) with a local copy of the parameters (EMA
+    where kept, as prediction uses), unless a complete validation of this step exists. With several processes
+    each predicts every ``process_count``-th case on its own devices, then process 0 evaluates them all
+    (the run folder is shared, as for checkpoints); a process that fails makes every process raise, so none
+    waits for it. Returns the mean foreground Dice on process 0, None on the others."""
     from medseg_jax.train import final_validation as validation
 
+    if not case_ids:
+        raise DataError(f"{run_dir}: the fold has no validation cases to validate")
     step = int(jax.device_get(state.step))
     params = state.ema_params if state.ema_params is not None else state.params
     local = parallel.local_mesh() if jax.process_count() > 1 else mesh
     params = parallel.host_local_tree(params, local)  # every process: it may need a collective
-    if not parallel.is_main_process():
-        return None
+    main = parallel.is_main_process()
     summary = validation.validation_summary(run_dir)
-    if summary is None or summary.get("step") != step:
-        summary = validation.final_validation(
-            run_dir, store, case_ids, model, params, plan, config.inference, step, mesh=local, progress=progress
-        )
+    # every process takes the same branch (a shared file system may show the file late to some)
+    if parallel.any_process(summary is None or summary.get("step") != step):
+        if main:
+            validation.start_validation(run_dir, step)
+        parallel.barrier("final-validation-start")
+        mine = sorted(case_ids)[jax.process_index() :: jax.process_count()]
+        failure: Exception | None = None
+        try:
+            predicted = validation.predict_validation_cases(
+                run_dir, store, mine, model, params, plan, config.inference, mesh=local, progress=progress and main
+            )
+            if jax.process_count() > 1:
+                log(f"process {jax.process_index()}: predicted {predicted} of its {len(mine)} validation case(s)")
+        except Exception as exc:  # noqa: BLE001 -- re-raised below, after the other processes are told
+            failure = exc
+        if parallel.any_process(failure is not None):
+            if failure is not None:
+                raise failure
+            raise DataError("another process failed in the final validation (see its log); run train again to finish")
+        parallel.barrier("final-validation-predicted")
+        if main:
+            summary = validation.write_validation_summary(run_dir, store, case_ids, plan, config.inference, step)
+    if not main:
+        return None
+    assert summary is not None  # complete, or just written
     return float(summary["foreground_mean"]["dice"])
 
 
@@ -319,7 +343,9 @@ def train(
     final = int(jax.device_get(state.step))
     validation_dice = None
     if final_validation and not stopped and split["val"] and final == steps:
-        validation_dice = _final_validation(run_dir, store, split["val"], model, state, plan, config, mesh, progress)
+        validation_dice = _final_validation(
+            run_dir, store, split["val"], model, state, plan, config, mesh, progress, log
+        )
         if validation_dice is not None:
             log(f"final validation of {len(split['val'])} case(s): mean foreground Dice {validation_dice:.4f}")
     losses = [e["loss"] for e in entries if "loss" in e]

@@ -39,13 +39,17 @@ def store_dir(tmp_path_factory):
     from medseg_jax.data.fingerprint import compute_fingerprint
     from medseg_jax.data.plan import make_plan
     from medseg_jax.data.preprocess import preprocess_dataset
+    from medseg_jax.data.splits import make_splits
     from medseg_jax.data.store import CaseStore
     from medseg_jax.data.synthetic import write_synthetic_dataset
 
     root = tmp_path_factory.mktemp("multiprocess")
     dataset = load_dataset(write_synthetic_dataset(root / "raw", 5, seed=3, shape=(32, 32, 12)))
     plan = make_plan(compute_fingerprint(dataset), dim=2, voxel_budget=2 * 32 * 32, max_stages=3)
-    preprocess_dataset(dataset, plan, CaseStore(root / "store", chunk_shape=(32, 32, 1)), progress=False)
+    store = CaseStore(root / "store", chunk_shape=(32, 32, 1))
+    preprocess_dataset(dataset, plan, store, progress=False)
+    # two folds: fold 0 validates 2-3 cases, so that both processes have a share of the final validation
+    store.write_json("splits.json", make_splits(store.case_ids(), n_folds=2))
     return root / "store"
 
 
@@ -171,6 +175,40 @@ def test_two_processes_train_validate_and_match_one_process_of_eight_devices(two
     val_cluster = [e["val_dice_per_class"] for e in entries if "val_dice" in e]
     val_single = [e["val_dice_per_class"] for e in single if "val_dice" in e]
     assert np.allclose(np.asarray(val_cluster, float), np.asarray(val_single, float), atol=1e-4, equal_nan=True)
+
+
+def test_the_final_validation_is_shared_by_the_processes_and_equals_one_process(two_process_run, one_process_run):
+    run_dir, results = two_process_run
+    summary = json.loads((run_dir / "validation" / "summary.json").read_text())
+    cases = sorted(summary["references"])
+    assert len(cases) >= 2
+    for index, (_, out, _) in enumerate(results):  # each process predicted every second case
+        share = len(cases[index::2])
+        assert f"process {index}: predicted {share} of its {share} validation case(s)" in out
+    single = json.loads((one_process_run / "validation" / "summary.json").read_text())
+    assert sorted(single["references"]) == cases and summary["step"] == single["step"] == STEPS
+    for case in cases:
+        cluster = np.load(run_dir / "validation" / f"{case}.npz")["probabilities"]
+        alone = np.load(one_process_run / "validation" / f"{case}.npz")["probabilities"]
+        np.testing.assert_allclose(cluster, alone, atol=1e-4)
+
+
+def test_a_process_failing_in_the_final_validation_stops_both(store_dir, two_process_run, tmp_path):
+    import shutil
+
+    run_dir, _ = two_process_run
+    store, run = tmp_path / "store", tmp_path / "run"
+    shutil.copytree(store_dir, store)
+    shutil.copytree(run_dir, run)
+    shutil.rmtree(run / "validation")
+    cases = sorted(json.loads((store / "splits.json").read_text())[0]["val"])
+    shutil.rmtree(store / cases[1] / "image.zarr")  # the case process 1 predicts can no longer be read
+    results = finish(start_cluster(store, run))
+    assert all(code != 0 for code, _, _ in results)
+    assert "another process failed in the final validation" in results[0][2]
+    assert cases[1] in results[1][2]  # process 1 names what it could not read
+    assert not (run / "validation" / "summary.json").exists()
+    assert (run / "validation" / f"{cases[0]}.nii.gz").is_file()  # process 0's share is kept for the rerun
 
 
 def test_checkpoints_are_written_once_and_restore_elsewhere(store_dir, two_process_run, tmp_path):
