@@ -253,7 +253,7 @@ def cmd_cv(args) -> int:
 def cmd_find_best(args) -> int:
     from medseg_jax.find_best import find_best
 
-    record = find_best(args.cv_dirs, args.out, allow_ensembles=not args.no_ensembles, log=print)
+    record = find_best(args.cv_dirs, args.out, allow_ensembles=not args.no_ensembles, log=print, workers=args.workers)
     steps = record["postprocessing"]["steps"]
     print(
         f"best: {record['best']['name']} (mean foreground Dice {record['best']['dice']:.4f}; after postprocessing "
@@ -663,6 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cv_dirs", type=Path, nargs="+", metavar="CV_DIR", help="folders from `medseg-jax cv`")
     p.add_argument("--out", type=Path, required=True, help="new folder for the choice, its model folder and files")
     p.add_argument("--no-ensembles", action="store_true", help="compare single configurations only")
+    p.add_argument(
+        "--workers", type=int, default=1, help="worker processes that ensemble, postprocess and evaluate the cases"
+    )
     p.set_defaults(handler=cmd_find_best)
 
     p = sub.add_parser("predict", help="segment NIfTI files or a DICOM series with a trained run")

@@ -35,6 +35,7 @@ import numpy as np
 
 from medseg_jax.atomic import json_safe, read_json, staged_folder, write_json_atomic, write_text_atomic
 from medseg_jax.errors import DataError
+from medseg_jax.process_pool import map_in_processes
 
 CV_PREFERENCE = "single configurations are compared before ensembles; the first of equal scores wins"
 
@@ -87,10 +88,12 @@ def _unique_names(folders: list[Path]) -> list[str]:
     return [name if names.count(name) == 1 else f"{name}_{i}" for i, name in enumerate(names)]
 
 
-def _evaluate(predictions: dict[str, Path], references: dict[str, Path], labels: dict, out: Path | None) -> dict:
+def _evaluate(
+    predictions: dict[str, Path], references: dict[str, Path], labels: dict, out: Path | None, workers: int = 1
+) -> dict:
     from medseg_jax.evaluation import evaluate_pairs, write_evaluation
 
-    rows, summary = evaluate_pairs(predictions, references, labels, progress=False)
+    rows, summary = evaluate_pairs(predictions, references, labels, num_workers=workers, progress=False)
     if out is not None:
         write_evaluation(out, rows, summary)
     return summary
@@ -104,51 +107,63 @@ def class_dice(summary: dict, name: str) -> float:
     return float(summary["classes"][name]["dice"]["mean"])
 
 
-def _ensemble_pair(pair: tuple[CrossValidation, ...], out: Path) -> dict[str, Path]:
-    """Average the pair's saved validation probabilities per case into ``out``; returns the label files."""
+def _ensemble_case(probability_files: list[Path], label_path: Path) -> Path:
+    """Worker: one case's probabilities averaged into ``label_path``."""
     from medseg_jax.inference.ensemble_probabilities import check_same_case, ensemble_case, read_probability_file
 
+    files = [read_probability_file(path) for path in probability_files]
+    check_same_case(files)
+    ensemble_case(files, label_path)
+    return label_path
+
+
+def _ensemble_pair(pair: tuple[CrossValidation, ...], out: Path, workers: int = 1) -> dict[str, Path]:
+    """Average the pair's saved validation probabilities per case into ``out``; returns the label files."""
     out.mkdir(parents=True)
-    labels = {}
-    for case in sorted(pair[0].cases):
-        files = [read_probability_file(cv.cases[case][0].with_name(f"{case}.npz")) for cv in pair]
-        check_same_case(files)
-        labels[case] = out / f"{case}.nii.gz"
-        ensemble_case(files, labels[case])
-    return labels
+    cases = sorted(pair[0].cases)
+    jobs = [([cv.cases[case][0].with_name(f"{case}.npz") for cv in pair], out / f"{case}.nii.gz") for case in cases]
+    return dict(zip(cases, map_in_processes(_ensemble_case, jobs, workers)))
 
 
-def _postprocessed(predictions: dict[str, Path], group: list[int], out: Path) -> dict[str, Path]:
-    """Every prediction with only the largest component of ``group`` kept, written into ``out``."""
+def _keep_largest(path: Path, group: list[int], target: Path) -> Path:
+    """Worker: the label map ``path`` with only the largest component of ``group`` kept, written to ``target``."""
     from medseg_jax.data.image_io import read_nifti, write_nifti
     from medseg_jax.postprocess import keep_largest_component_of
 
+    volume = read_nifti(path)
+    kept = keep_largest_component_of(np.asarray(volume.array), group)
+    return write_nifti(volume.with_array(kept.astype(np.uint8)), target, dtype=np.uint8)
+
+
+def _postprocessed(predictions: dict[str, Path], group: list[int], out: Path, workers: int = 1) -> dict[str, Path]:
+    """Every prediction with only the largest component of ``group`` kept, written into ``out``."""
     out.mkdir(parents=True)
-    written = {}
-    for case, path in predictions.items():
-        volume = read_nifti(path)
-        kept = keep_largest_component_of(np.asarray(volume.array), group)
-        written[case] = write_nifti(volume.with_array(kept.astype(np.uint8)), out / f"{case}.nii.gz", dtype=np.uint8)
-    return written
+    jobs = [(path, group, out / f"{case}.nii.gz") for case, path in predictions.items()]
+    return dict(zip(predictions, map_in_processes(_keep_largest, jobs, workers)))
 
 
 def determine_postprocessing(
-    predictions: dict[str, Path], references: dict[str, Path], labels: dict[str, int], work: Path, log=print
+    predictions: dict[str, Path],
+    references: dict[str, Path],
+    labels: dict[str, int],
+    work: Path,
+    log=print,
+    workers: int = 1,
 ) -> dict:
     """nnU-Net's postprocessing choice on ``predictions`` (see the module docstring); candidate predictions
     are written under ``work``. Returns ``steps`` (class groups), ``before`` / ``after`` (mean foreground
     Dice and per-class mean Dice) and ``decisions`` (each candidate's scores and whether it was kept)."""
     names = {value: name for name, value in labels.items() if value > 0}
     foreground = sorted(names)
-    current, current_summary = predictions, _evaluate(predictions, references, labels, None)
+    current, current_summary = predictions, _evaluate(predictions, references, labels, None, workers)
     before = _scores(current_summary, names)
     steps: list[list[int]] = []
     decisions = []
     candidates = [(foreground, "foreground")] + ([([k], names[k]) for k in foreground] if len(foreground) > 1 else [])
     for index, (group, what) in enumerate(candidates):
         folder = work / f"candidate_{index}_{what}"
-        trial = _postprocessed(current, group, folder)
-        summary = _evaluate(trial, references, labels, folder)
+        trial = _postprocessed(current, group, folder, workers)
+        summary = _evaluate(trial, references, labels, folder, workers)
         if len(group) > 1:  # the whole foreground: better on average, and no class worse
             keep = foreground_dice(summary) > foreground_dice(current_summary) and all(
                 not class_dice(summary, name) < class_dice(current_summary, name) for name in names.values()
@@ -178,8 +193,9 @@ def _format(summary: dict, names: dict[int, str]) -> str:
     return f"mean foreground Dice {foreground_dice(summary):.4f}; {per_class}"
 
 
-def find_best(cv_dirs, out_dir, *, allow_ensembles: bool = True, log=print) -> dict:
-    """Compare, choose and write ``out_dir`` (see the module docstring); returns the ``find_best.json`` record."""
+def find_best(cv_dirs, out_dir, *, allow_ensembles: bool = True, log=print, workers: int = 1) -> dict:
+    """Compare, choose and write ``out_dir`` (see the module docstring); returns the ``find_best.json`` record.
+    ``workers``: processes that ensemble, postprocess and evaluate the cases (the choice does not depend on it)."""
     from medseg_jax.train.cross_validation import CROSSVAL_DIR, fold_dir, summarize
 
     cvs = load_cross_validations(cv_dirs)
@@ -198,8 +214,8 @@ def find_best(cv_dirs, out_dir, *, allow_ensembles: bool = True, log=print) -> d
         if allow_ensembles:
             for pair in itertools.combinations(cvs, 2):
                 name = "+".join(cv.name for cv in pair)
-                predictions = _ensemble_pair(pair, staging / "ensembles" / name)
-                summary = _evaluate(predictions, references, labels, staging / "ensembles" / name)
+                predictions = _ensemble_pair(pair, staging / "ensembles" / name, workers)
+                summary = _evaluate(predictions, references, labels, staging / "ensembles" / name, workers)
                 options.append(
                     {"name": name, "members": list(pair), "dice": foreground_dice(summary), "labels": predictions}
                 )
@@ -209,7 +225,9 @@ def find_best(cv_dirs, out_dir, *, allow_ensembles: bool = True, log=print) -> d
             raise DataError("no option has a mean foreground Dice (every reference and prediction is empty)")
         best = options[int(np.nanargmax(scores))]  # the first of equal maxima
         log(f"best: {best['name']} (mean foreground Dice {best['dice']:.4f})")
-        postprocessing = determine_postprocessing(best["labels"], references, labels, staging / "postprocessing", log)
+        postprocessing = determine_postprocessing(
+            best["labels"], references, labels, staging / "postprocessing", log, workers
+        )
         final = postprocessing.pop("predictions")
         (staging / "postprocessed").mkdir()
         for path in final.values():
@@ -219,6 +237,7 @@ def find_best(cv_dirs, out_dir, *, allow_ensembles: bool = True, log=print) -> d
             references,
             labels,
             staging / "postprocessed",
+            workers,
         )
         runs = [str(fold_dir(cv.folder, fold).resolve()) for cv in best["members"] for fold in range(cv.folds)]
         (staging / "model").mkdir()

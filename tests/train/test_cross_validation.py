@@ -256,12 +256,18 @@ def test_cv_and_find_best_on_the_command_line(workflow, tmp_path):
     )
     assert missing.returncode == 2 and "not a cross-validation folder" in missing.stderr
     chosen = subprocess.run(
-        [*cli, "find-best", str(root / "cv_a"), str(root / "cv_b"), "--out", str(tmp_path / "best")],
+        [*cli, "find-best", str(root / "cv_a"), str(root / "cv_b"), "--out", str(tmp_path / "best"), "--workers", "2"],
         capture_output=True,
         text=True,
     )
     assert chosen.returncode == 0, chosen.stderr
     assert "best: " in chosen.stdout and "medseg-jax predict --model" in chosen.stdout
+    # worker processes change nothing in what is compared and chosen
+    parallel = json.loads((tmp_path / "best" / "find_best.json").read_text())
+    serial = find_best([root / "cv_a", root / "cv_b"], tmp_path / "serial", log=lambda message: None)
+    assert parallel["options"] == serial["options"] and parallel["best"] == serial["best"]
+    for key in ("steps", "before", "after", "decisions"):
+        assert parallel["postprocessing"][key] == serial["postprocessing"][key]
     again = subprocess.run(
         [*cli, "find-best", str(root / "cv_a"), "--out", str(tmp_path / "best")], capture_output=True, text=True
     )
