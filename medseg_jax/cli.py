@@ -294,6 +294,7 @@ def cmd_predict(args) -> int:
         largest_component=False if args.largest_component is None else (args.largest_component or True),
         accumulate="host" if args.memory_bounded else "device",
         mesh=mesh,
+        previous_stage_predictions=args.previous_stage_predictions,
     )
     plan = predictor.plan
     started = time.perf_counter()
@@ -722,6 +723,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="split the windows over the first N local devices (default: all; JAX_PLATFORMS picks cpu / cuda)",
     )
     p.add_argument("--skip-existing", action="store_true", help="skip cases whose output exists")
+    p.add_argument(
+        "--previous-stage-predictions",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="for 3d_cascade_fullres runs: read each scan's 3d_lowres label map DIR/{case}.nii.gz (from an earlier "
+        "`predict` with the 3d_lowres runs) instead of predicting it (nnU-Net's -prev_stage_predictions)",
+    )
     p.add_argument(
         "--no-pipeline",
         action="store_true",

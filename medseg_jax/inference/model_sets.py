@@ -65,6 +65,7 @@ def build_predictor(
     postprocessing=None,
     autotune: bool = False,
     log=print,
+    previous_stage_predictions=None,
     **predictor_options,
 ):
     """A :class:`Predictor` for one run, an :class:`EnsemblePredictor` for several (or a model folder).
@@ -73,6 +74,8 @@ def build_predictor(
     config; ``postprocessing`` (class groups) replaces what a model folder carries; ``autotune`` times the
     implementations left at ``auto`` for each run's network before anything is compiled. Other options go to
     every member (``accumulate``, ``mesh``) and ``largest_component`` to the ensemble.
+    ``previous_stage_predictions``: a folder of 3d_lowres label maps (``{case}.nii.gz``, as ``predict`` writes
+    them) that cascade runs read instead of running their 3d_lowres runs (nnU-Net's ``-prev_stage_predictions``).
     """
     from medseg_jax.inference.predict import EnsemblePredictor, Predictor
     from medseg_jax.inference.run_folder import load_run
@@ -81,10 +84,13 @@ def build_predictor(
     steps = carried if postprocessing is None else postprocessing
     largest_component = predictor_options.pop("largest_component", False)
     first_stages: dict[tuple[Path, ...], object] = {}  # cascade runs of one 3d_lowres CV share its predictor
+    saved = None if previous_stage_predictions is None else SavedFirstStage(previous_stage_predictions)
 
     def first_stage(plan: dict):
         if not is_cascade(plan):
             return None
+        if saved is not None:
+            return saved
         key = tuple(previous_stage_runs(plan))
         if key not in first_stages:
             log(f"3d_cascade_fullres: first stage {', '.join(map(str, key))}")
@@ -100,6 +106,10 @@ def build_predictor(
         if autotune:
             model = _tuned(model, plan, inference, config.model.in_channels, log)
         loaded.append((model, params, plan, inference))
+    if saved is not None and not any(is_cascade(member[2]) for member in loaded):
+        raise ConfigError(
+            "--previous-stage-predictions is for 3d_cascade_fullres runs; none of the --model runs is one"
+        )
     if len(loaded) == 1:
         model, params, plan, inference = loaded[0]
         return Predictor(
@@ -116,6 +126,28 @@ def build_predictor(
     return EnsemblePredictor(
         members, largest_component=largest_component, postprocessing=steps, names=[str(r) for r in runs]
     )
+
+
+class SavedFirstStage:
+    """A cascade's first stage read from a folder of label maps instead of predicted: for a scan read from
+    ``case_0000.nii.gz`` (or a DICOM folder ``case/``), ``FOLDER/case.nii.gz``."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise ConfigError(f"--previous-stage-predictions {folder}: not a folder")
+
+    def predict_volume(self, images):
+        from medseg_jax.data.image_io import read_nifti
+        from medseg_jax.inference.predict import Prediction, _case_name
+
+        source = images[0].metadata.get("source")
+        if source is None:
+            raise DataError("a saved first stage needs scans read from files (their names name the case)")
+        path = self.folder / f"{_case_name(Path(source))}.nii.gz"
+        if not path.is_file():
+            raise DataError(f"no 3d_lowres prediction {path} for the scan {source}")
+        return Prediction(read_nifti(path), None, {})
 
 
 def _tuned(model, plan: dict, inference, in_channels: int, log):

@@ -145,6 +145,21 @@ def test_predict_runs_the_lowres_stage_first(cascade, tmp_path):
         by_hand = ensemble.finish_case(ensemble.infer(prepared), prepared).label.array
         automatic = np.asarray(nib.load(str(tmp_path / "auto" / f"{case.case_id}.nii.gz")).dataobj)
         np.testing.assert_array_equal(automatic, by_hand)
+    # nnU-Net's -prev_stage_predictions: the saved lowres label maps read instead of predicted
+    saved = ["--previous-stage-predictions", tmp_path / "lowres"]
+    result = cli("predict", "--model", *cascade_runs, *saved, "-i", images, "-o", tmp_path / "saved", "--quiet")
+    assert result.returncode == 0, result.stderr
+    for case in dataset.cases:
+        name = f"{case.case_id}.nii.gz"
+        read = np.asarray(nib.load(str(tmp_path / "saved" / name)).dataobj)
+        np.testing.assert_array_equal(read, np.asarray(nib.load(str(tmp_path / "auto" / name)).dataobj))
+    missing = sorted(dataset.cases, key=lambda c: c.case_id)[-1].case_id
+    (tmp_path / "lowres" / f"{missing}.nii.gz").unlink()
+    result = cli("predict", "--model", *cascade_runs, *saved, "-i", images, "-o", tmp_path / "partial", "--quiet")
+    assert result.returncode != 0 and f"no 3d_lowres prediction {tmp_path / 'lowres' / missing}.nii.gz" in result.stderr
+    assert not (tmp_path / "partial" / f"{missing}.nii.gz").exists()
+    result = cli("predict", "--model", *lowres_runs, *saved, "-i", images, "-o", tmp_path / "other", "--quiet")
+    assert result.returncode != 0 and "none of the --model runs is one" in result.stderr
 
 
 def test_find_best_compares_the_cascade_and_its_model_folder_predicts(cascade, tmp_path):
