@@ -20,12 +20,13 @@ from medseg_jax.cascade import bind_previous_stage, degrade_masks, mask_channels
 from medseg_jax.config import load_config
 from medseg_jax.data.dataset import load_dataset
 from medseg_jax.data.fingerprint import compute_fingerprint
-from medseg_jax.data.image_io import read_case, read_nifti
+from medseg_jax.data.image_io import read_case, read_nifti, write_nifti
 from medseg_jax.data.plan import make_plan, write_plan
 from medseg_jax.data.preprocess import preprocess_case, preprocess_dataset
 from medseg_jax.data.splits import make_splits
 from medseg_jax.data.store import CaseStore
 from medseg_jax.data.synthetic import write_synthetic_dataset
+from medseg_jax.data.volume import Volume
 from medseg_jax.errors import ConfigError, DataError
 from medseg_jax.train import cross_validation
 
@@ -160,6 +161,13 @@ def test_predict_runs_the_lowres_stage_first(cascade, tmp_path):
     assert not (tmp_path / "partial" / f"{missing}.nii.gz").exists()
     result = cli("predict", "--model", *lowres_runs, *saved, "-i", images, "-o", tmp_path / "other", "--quiet")
     assert result.returncode != 0 and "none of the --model runs is one" in result.stderr
+    # a first-stage label map on another grid than the scan's
+    first = sorted(dataset.cases, key=lambda c: c.case_id)[0].case_id
+    wrong = read_nifti(tmp_path / "lowres" / f"{first}.nii.gz")
+    write_nifti(Volume(wrong.array[:16], wrong.affine), tmp_path / "lowres" / f"{first}.nii.gz")
+    result = cli("predict", "--model", *cascade_runs, *saved, "-i", images, "-o", tmp_path / "grid", "--quiet")
+    assert result.returncode != 0 and "is not on the grid of the scan" in result.stderr
+    assert not (tmp_path / "grid" / f"{first}.nii.gz").exists()
 
 
 def test_find_best_compares_the_cascade_and_its_model_folder_predicts(cascade, tmp_path):
