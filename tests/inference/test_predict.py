@@ -299,8 +299,9 @@ def test_a_folder_pipeline_writes_what_the_cases_one_by_one_write(tmp_path, monk
     serial = predict_folder(inputs, tmp_path / "serial", model, params, plan, NO_TTA, pipeline=False, **options)
     assert threads["read"] == threads["write"] == {threading.current_thread().name}
     assert [s["case"] for s in piped] == [s["case"] for s in serial] == ["c0", "c1", "c2", "c3"]
-    for summary in piped:
-        assert min(summary[k] for k in ("read_seconds", "device_seconds", "write_seconds")) > 0
+    for summary in piped:  # each stage's time is reported (rounded to ms: a tiny case's device time may be 0.0)
+        stages = ("read_seconds", "device_seconds", "write_seconds")
+        assert all(isinstance(summary[k], float) and summary[k] >= 0 for k in stages)
     names = sorted(p.name for p in (tmp_path / "piped").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "serial").iterdir()) and len(names) == 12
     for case in ("c0", "c1", "c2", "c3"):
