@@ -198,9 +198,11 @@ def evaluate_pairs(
     affine_tolerance: float = 1e-3,
     inf_distance: float | str | None = None,
     ref_where: str = "the references",
+    distances: bool = True,
 ) -> tuple[list[dict], dict]:
     """:func:`evaluate_folders` for explicit files: ``refs`` and ``preds`` map case ids to label files
-    (every reference needs a prediction; predictions without a reference are listed as unmatched)."""
+    (every reference needs a prediction; predictions without a reference are listed as unmatched).
+    ``distances=False``: overlap and volume metrics only (HD95, ASSD and NSD NaN; as ``find-best`` compares)."""
     from tqdm.auto import tqdm
 
     check_settings(empty, surface, nsd_tolerance_mm)
@@ -212,7 +214,7 @@ def evaluate_pairs(
     _check_geometry(refs, preds, affine_tolerance)
     classes = None if labels is None else sorted(labels.values())
     jobs = [
-        (case, str(preds[case]), str(refs[case]), classes, nsd_tolerance_mm, empty, surface, inf_distance)
+        (case, str(preds[case]), str(refs[case]), classes, nsd_tolerance_mm, empty, surface, inf_distance, distances)
         for case in refs
     ]
     results = []
@@ -242,6 +244,7 @@ def evaluate_pairs(
         "surface": surface,
         "inf_distance": inf_distance,
         "dims": sorted({result["dim"] for result in results}),
+        "distances": distances,
     }
     summary = summarize(rows, labels, settings)
     summary["unmatched_predictions"] = sorted(set(preds) - set(refs))
@@ -272,6 +275,9 @@ def summarize(rows: list[dict], labels: dict[str, int], settings: dict) -> dict:
             "surface": settings["surface"],
             "inf_distance": settings.get("inf_distance"),
             "nsd_tolerance_mm": settings["nsd_tolerance_mm"],
+            "surface_distances": (
+                "computed" if settings.get("distances", True) else "not computed (HD95, ASSD and NSD are NaN)"
+            ),
             "hd_percentile": 95,
             "volume_unit": " / ".join(units),
             "aggregation": (
@@ -462,7 +468,9 @@ def image_diagonal_mm(shape, spacing) -> float:
     return float(np.linalg.norm((np.asarray(shape, float) - 1) * np.asarray(spacing, float)))
 
 
-def _evaluate_case(case, pred_path, ref_path, classes, nsd_tolerance_mm, empty, surface, inf_distance=None) -> dict:
+def _evaluate_case(
+    case, pred_path, ref_path, classes, nsd_tolerance_mm, empty, surface, inf_distance=None, distances=True
+) -> dict:
     """Worker: the ``case``, the labels ``present`` in the reference, its ``dim``, its number of ``voxels``
     and its ``metrics`` ({class: metrics and lesion counts})."""
     reference, prediction = read_nifti(ref_path), read_nifti(pred_path)
@@ -478,7 +486,7 @@ def _evaluate_case(case, pred_path, ref_path, classes, nsd_tolerance_mm, empty, 
     present = {int(k) for k in np.unique(ref) if k != 0}
     todo = classes if classes is not None else sorted(present | {int(k) for k in np.unique(pred) if k != 0})
     metrics = segmentation_metrics(
-        pred, ref, spacing, todo, nsd_tolerance_mm=nsd_tolerance_mm, empty=empty, surface=surface
+        pred, ref, spacing, todo, nsd_tolerance_mm=nsd_tolerance_mm, empty=empty, surface=surface, distances=distances
     )
     if inf_distance is not None:
         worst = image_diagonal_mm(ref.shape, spacing) if inf_distance == "diagonal" else inf_distance

@@ -15,6 +15,7 @@ from medseg_jax.evaluation import (
     COLUMNS,
     LESION_COLUMNS,
     evaluate_folders,
+    evaluate_pairs,
     format_table,
     read_labels,
     write_evaluation,
@@ -105,6 +106,18 @@ def test_worker_pool_gives_the_same_rows(folders):
     serial, _ = evaluate_folders(pred_dir, ref_dir, LABELS, progress=False)
     pooled, _ = evaluate_folders(pred_dir, ref_dir, LABELS, num_workers=2, progress=False)
     np.testing.assert_equal(pooled, serial)
+
+
+def test_without_distances_the_overlap_and_volumes_are_the_same(folders):
+    pred_dir, ref_dir, arrays = folders
+    full, _ = evaluate_folders(pred_dir, ref_dir, LABELS, progress=False)
+    preds = {case: pred_dir / f"{case}.nii.gz" for case in arrays}
+    refs = {case: ref_dir / f"{case}.nii.gz" for case in arrays}
+    overlap, summary = evaluate_pairs(preds, refs, LABELS, progress=False, distances=False)
+    kept = ("dice", "iou", "volume_ref", "volume_pred", "tp", "fp", "fn", "tn")
+    np.testing.assert_equal([[r[k] for k in kept] for r in overlap], [[r[k] for k in kept] for r in full])
+    assert all(math.isnan(r[k]) for r in overlap for k in ("hd95", "assd", "nsd"))
+    assert summary["conventions"]["surface_distances"].startswith("not computed")
 
 
 def test_missing_predictions_are_listed(folders, tmp_path):
