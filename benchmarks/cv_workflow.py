@@ -12,6 +12,11 @@ Every step is the ``medseg-jax`` command a user runs (printed as it runs):
 
     python benchmarks/cv_workflow.py --out /tmp/cv_workflow     # about 30 min on 2 CPU cores
 
+The cascade against 3d_fullres, on phantoms planned for a small budget (so that nnU-Net's rule plans 3d_lowres):
+
+    python benchmarks/cv_workflow.py --out /tmp/cv_cascade --voxel-budget 8192 \
+        --configurations 3d_fullres 3d_lowres 3d_cascade_fullres
+
 Writes ``OUT/results.json`` and prints a Markdown table (liver / tumour / mean foreground Dice over the
 held-out cases). A finished step is not redone when the command is run again with the same ``--out``
 (the ``cv`` folds resume; ``find-best`` and the predictions are skipped when their outputs exist).
@@ -31,6 +36,8 @@ from pathlib import Path
 
 DATASET = "Dataset001_SynthLiver"
 HU_WINDOW = ("-175", "250")
+SHORT_NAMES = {"2d": "2d", "3d_fullres": "3d", "3d_lowres": "3d_lowres", "3d_cascade_fullres": "3d_cascade_fullres"}
+CASCADE = "3d_cascade_fullres"
 
 
 def medseg(*args: str) -> None:
@@ -99,7 +106,17 @@ def main(argv=None) -> None:
     parser.add_argument("--steps-2d", type=int, default=1000)
     parser.add_argument("--steps-3d", type=int, default=600)
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument(
+        "--configurations",
+        nargs="+",
+        choices=tuple(SHORT_NAMES),
+        default=["2d", "3d_fullres"],
+        help="configurations to cross-validate, in order (3d_cascade_fullres needs 3d_lowres before it)",
+    )
+    parser.add_argument("--voxel-budget", type=int, default=None, help="plan every configuration for this budget")
     args = parser.parse_args(argv)
+    if CASCADE in args.configurations and "3d_lowres" not in args.configurations[: args.configurations.index(CASCADE)]:
+        parser.error(f"{CASCADE} reads the 3d_lowres cross-validation: list 3d_lowres before it")
     out = args.out.resolve()
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     shape = [str(s) for s in args.shape]
@@ -113,16 +130,22 @@ def main(argv=None) -> None:
     images, labels = heldout_raw / DATASET / "imagesTr", heldout_raw / DATASET / "labelsTr"
 
     cv_dirs: dict[str, Path] = {}
-    steps = {2: args.steps_2d, 3: args.steps_3d}
-    for dim in (2, 3):
-        plan, store, cv = dataset / f"plan_{dim}d.json", out / f"store_{dim}d", out / f"cv_{dim}d"
+    for configuration in args.configurations:
+        name = SHORT_NAMES[configuration]
+        plan, store, cv = out / f"plan_{name}.json", out / f"store_{name}", out / f"cv_{name}"
         if not store.is_dir():
-            medseg("plan", str(dataset), "--dim", str(dim), "--hu-window", *HU_WINDOW)
-            medseg("preprocess", str(dataset), "--plan", str(plan), "--out", str(store), "--quiet")
-        settings = [item for setting in training_settings(dim, steps[dim]) for item in ("--set", setting)]
+            options = ["--configuration", configuration, "--hu-window", *HU_WINDOW, "--out", str(plan)]
+            if args.voxel_budget is not None:
+                options += ["--voxel-budget", str(args.voxel_budget)]
+            medseg("plan", str(dataset), *options)
+            first_stage = ["--previous-stage", str(cv_dirs["3d_lowres"])] if configuration == CASCADE else []
+            medseg("preprocess", str(dataset), "--plan", str(plan), "--out", str(store), *first_stage, "--quiet")
+        dim = 2 if configuration == "2d" else 3
+        steps = args.steps_2d if dim == 2 else args.steps_3d
+        settings = [item for setting in training_settings(dim, steps) for item in ("--set", setting)]
         folds = [str(f) for f in range(args.folds)]
         medseg("cv", "--config", "demo", *settings, "--data", str(store), "--out", str(cv), "--folds", *folds)
-        cv_dirs[f"{dim}d"] = cv
+        cv_dirs[name] = cv
 
     best_dir = out / "find_best"
     if not (best_dir / "find_best.json").is_file():
@@ -130,24 +153,23 @@ def main(argv=None) -> None:
     choice = json.loads((best_dir / "find_best.json").read_text())
 
     dataset_json = dataset / "dataset.json"
-    name, fold, fold_dice = best_single_fold(cv_dirs, args.folds)
+    best_name, fold, fold_dice = best_single_fold(cv_dirs, args.folds)
+
+    def heldout(models: list[str], folder: str) -> dict:
+        return predict_and_evaluate(models, folder, images, labels, dataset_json, out)
 
     def all_folds(cv: Path) -> list[str]:
         return [str(cv / f"fold_{f}") for f in range(args.folds)]
 
     rows = {
-        "find-best choice": predict_and_evaluate(
-            [str(best_dir / "model")], "find_best", images, labels, dataset_json, out
-        ),
-        f"single best fold ({name} fold {fold})": predict_and_evaluate(
-            [str(cv_dirs[name] / f"fold_{fold}")], "best_fold", images, labels, dataset_json, out
-        ),
-        "2d, 5 folds": predict_and_evaluate(all_folds(cv_dirs["2d"]), "2d_folds", images, labels, dataset_json, out),
-        "3d, 5 folds": predict_and_evaluate(all_folds(cv_dirs["3d"]), "3d_folds", images, labels, dataset_json, out),
-        "2d + 3d, 10 folds": predict_and_evaluate(
-            all_folds(cv_dirs["2d"]) + all_folds(cv_dirs["3d"]), "2d_3d_folds", images, labels, dataset_json, out
-        ),
+        "find-best choice": heldout([str(best_dir / "model")], "find_best"),
+        f"single best fold ({best_name} fold {fold})": heldout([str(cv_dirs[best_name] / f"fold_{fold}")], "best_fold"),
     }
+    for name, cv in cv_dirs.items():
+        rows[f"{name}, {args.folds} folds"] = heldout(all_folds(cv), f"{name}_folds")
+    if len(cv_dirs) == 2:  # the pair ensemble find-best compared
+        (a, cv_a), (b, cv_b) = cv_dirs.items()
+        rows[f"{a} + {b}, {2 * args.folds} folds"] = heldout(all_folds(cv_a) + all_folds(cv_b), f"{a}_{b}_folds")
     load_after = os.getloadavg()[0]
     record = {
         "benchmark": "cv_workflow",
@@ -160,7 +182,7 @@ def main(argv=None) -> None:
             "postprocessing": choice["postprocessing"]["steps"],
         },
         "postprocessing_cv": {key: choice["postprocessing"][key] for key in ("before", "after")},
-        "single_best_fold": {"configuration": name, "fold": fold, "validation_dice": fold_dice},
+        "single_best_fold": {"configuration": best_name, "fold": fold, "validation_dice": fold_dice},
         "heldout_dice": rows,
         "tumour_lesions": {
             "training": lesion_sizes(dataset / "labelsTr", tumour=2),
