@@ -33,7 +33,7 @@ import numpy as np
 from scipy.ndimage import binary_fill_holes
 
 from medseg_jax.cascade import is_cascade, mask_input
-from medseg_jax.data.image_io import read_case
+from medseg_jax.data.image_io import read_case, read_nifti
 from medseg_jax.data.intensity import clahe, denoise, normalize_channel
 from medseg_jax.data.plan import check_plan
 from medseg_jax.data.resample import resample_image, resample_label, resample_probabilities
@@ -301,8 +301,6 @@ def case_error(case_id: str, image_paths, label_path, exc: Exception) -> DataErr
 
 def _preprocess_job(case_id: str, image_paths, label_path, plan: dict, previous_stage_path=None):
     """Read and preprocess one case (module level so worker processes can run it)."""
-    from medseg_jax.data.image_io import read_nifti
-
     try:
         images, label = read_case(image_paths, label_path)
         previous = None if previous_stage_path is None else read_nifti(previous_stage_path)

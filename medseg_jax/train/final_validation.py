@@ -16,6 +16,9 @@ with its ``gt_segmentations``; where that file is gone (the dataset moved), the 
 to the scan's grid is written to ``validation/references/`` and used instead (``reference_source`` says
 which). A validation killed midway continues with the cases not yet written; one of an earlier
 checkpoint (the run was trained further) is started again.
+
+Three stages, which ``train.loop`` runs (on several processes: the first and last on process 0, the cases
+shared): :func:`start_validation`, :func:`predict_validation_cases`, :func:`write_validation_summary`.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import numpy as np
 from medseg_jax.atomic import read_json, write_json_atomic
 from medseg_jax.data.image_io import read_nifti_header, write_nifti
 from medseg_jax.data.preprocess import restore_geometry
-from medseg_jax.errors import DataError
 
 VALIDATION_DIR = "validation"
 SUMMARY_NAME = "summary.json"
@@ -110,28 +112,3 @@ def write_validation_summary(run_dir, store, case_ids, plan: dict, inference_con
     )
     write_evaluation(out, rows, summary)
     return summary
-
-
-def final_validation(
-    run_dir,
-    store,
-    case_ids,
-    model,
-    params,
-    plan: dict,
-    inference_config,
-    step: int,
-    *,
-    mesh=None,
-    progress: bool = True,
-) -> dict:
-    """Predict and evaluate the fold's validation cases into ``RUN/validation`` (see the module docstring) in
-    this one process; returns the summary. ``params``: the parameters prediction uses (EMA where the run
-    keeps them). Training on several processes splits the prediction between them (``train.loop``)."""
-    if not case_ids:
-        raise DataError(f"{run_dir}: the fold has no validation cases to validate")
-    start_validation(run_dir, step)
-    predict_validation_cases(
-        run_dir, store, case_ids, model, params, plan, inference_config, mesh=mesh, progress=progress
-    )
-    return write_validation_summary(run_dir, store, case_ids, plan, inference_config, step)

@@ -60,8 +60,6 @@ def _final_validation(run_dir, store, case_ids, model, state, plan, config, mesh
     waits for it. Returns the mean foreground Dice on process 0, None on the others."""
     from medseg_jax.train import final_validation as validation
 
-    if not case_ids:
-        raise DataError(f"{run_dir}: the fold has no validation cases to validate")
     step = int(jax.device_get(state.step))
     params = state.ema_params if state.ema_params is not None else state.params
     local = parallel.local_mesh() if jax.process_count() > 1 else mesh
@@ -87,8 +85,7 @@ def _final_validation(run_dir, store, case_ids, model, state, plan, config, mesh
             if failure is not None:
                 raise failure
             raise DataError("another process failed in the final validation (see its log); run train again to finish")
-        parallel.barrier("final-validation-predicted")
-        if main:
+        if main:  # any_process above is a collective: every process has written its cases by now
             summary = validation.write_validation_summary(run_dir, store, case_ids, plan, config.inference, step)
     if not main:
         return None

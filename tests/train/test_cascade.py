@@ -8,6 +8,7 @@ predicting the 3d_lowres runs first and giving their label maps to the cascade n
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -220,6 +221,33 @@ def test_bad_previous_stages_are_refused_before_anything_is_written(cascade, tmp
     assert not (tmp_path / "export").exists()
 
 
+def test_a_case_without_a_first_stage_prediction_is_refused_before_anything_is_written(cascade, tmp_path):
+    root, dataset, plan, _ = cascade
+    bound, predicted = bind_previous_stage(plan, root / "cv_lowres")
+    missing = sorted(predicted)[0]
+    del predicted[missing]
+    store = CaseStore(tmp_path / "store")
+    with pytest.raises(DataError, match=f"the previous stage predicted no {missing} "):
+        preprocess_dataset(dataset, bound, store, progress=False, previous_stage=predicted)
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
+
+
+def test_a_mangled_or_unbound_previous_stage_is_named(cascade):
+    from medseg_jax.cascade import previous_stage_runs
+    from medseg_jax.data.plan import check_plan
+
+    _, _, plan, _ = cascade
+    wrong = {**plan, "previous_stage": {**plan["previous_stage"], "foreground_labels": [1]}}
+    with pytest.raises(DataError, match=r"plan\.json: 'previous_stage.foreground_labels' \[1\] must be"):
+        check_plan(wrong, "plan.json")
+    with pytest.raises(DataError, match="'previous_stage' belongs to a 3d_cascade_fullres plan only"):
+        check_plan({**plan, "configuration": "3d_fullres"}, "plan.json")
+    with pytest.raises(DataError, match="a 3d_cascade_fullres plan needs 'previous_stage'"):
+        check_plan({k: v for k, v in plan.items() if k != "previous_stage"}, "plan.json")
+    with pytest.raises(ConfigError, match="names no 3d_lowres runs: preprocess with `--previous-stage"):
+        previous_stage_runs(plan)  # planned, never bound to a cross-validation
+
+
 def test_a_cascade_predictor_without_its_first_stage_says_so(cascade):
     root, dataset, _, _ = cascade
     from medseg_jax.inference.predict import Predictor
@@ -296,14 +324,8 @@ def test_augmentation_keeps_masks_binary_and_out_of_intensity_transforms():
     assert set(np.unique(out[..., 1:])) <= {0.0, 1.0}
     assert 0 < out[..., 1].sum() and 0 < out[..., 2].sum()
     # without the spatial transform the masks come out exactly as they went in, the scan does not
-    still = AugmentConfig(
-        mode="cpu",
-        rotation_probability=0.0,
-        scale_probability=0.0,
-        elastic_probability=0.0,
-        mirror_probability=0.0,
-        brightness_probability=1.0,
-        noise_probability=1.0,
+    still = dataclasses.replace(
+        config, rotation_probability=0.0, scale_probability=0.0, elastic_probability=0.0, mirror_probability=0.0
     )
     out, _ = augment_numpy(np.random.default_rng(1), image, label, still, (24, 24), mask_channels=2)
     np.testing.assert_array_equal(out[..., 1:], image[..., 1:])
